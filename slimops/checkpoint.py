@@ -1,0 +1,218 @@
+"""Save and load pruned checkpoints whose layers differ in head count and FFN width.
+
+A checkpoint is a normal HF folder. When every layer has one shape that the family's stock
+config accepts, it is a plain stock checkpoint. Otherwise config.json keeps the dense
+global values plus `slimops_layers` (per-layer shapes) and an `auto_map` to
+`modeling_slimops.py`, a verbatim copy of slimops/models/remote_modeling.py, so
+`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works without slimops.
+Writes are atomic: everything goes to a temp dir beside the target, then one rename.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from .models import get_adapter
+
+REMOTE_FILE = "modeling_slimops.py"
+REMOTE_MODULE = REMOTE_FILE.removesuffix(".py")
+PLAN_FILE, INFO_FILE = "slimops_plan.json", "slimops_info.json"
+# Keys this module owns in config.json; recomputed from the model on every save.
+_OWN_KEYS = ("slimops_layers", "slimops_base_model_type", "auto_map")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")  # = remote's
+# Letters, digits, whitespace runs, newlines, non-ASCII: where pre-tokenizers differ.
+_PROBE_TEXT = "Hello, World! 12345 3.14159\n\n  def f(x):\treturn x ** 2  # naïve café 東京"
+
+
+def _remote_modeling():
+    # Imported on use: it imports transformers, and `import slimops` should stay light.
+    from .models import remote_modeling
+    return remote_modeling
+
+
+def family_classes(model_type: str) -> tuple[type, type]:
+    """The stock (config class, causal-LM class) of a family, e.g. (LlamaConfig, LlamaForCausalLM)."""
+    from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
+    config_cls = CONFIG_MAPPING[model_type]
+    return config_cls, MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]
+
+
+def model_layer_shapes(model) -> list[dict]:
+    """Per-layer shapes read from the modules themselves (the plan may be stale)."""
+    adapter = get_adapter(model)
+    return [dict(zip(_SHAPE_KEYS, adapter.layer_shape(layer)))
+            for layer in adapter.layers()]
+
+
+def _stock_config(config_dict: dict, shapes: list[dict], head_dim: int) -> dict | None:
+    """config.json for a plain stock checkpoint, or None when the stock config can't say it."""
+    if any(s != shapes[0] for s in shapes):
+        return None
+    candidate = {**config_dict, **shapes[0], "head_dim": head_dim}
+    config_cls, model_cls = family_classes(config_dict["model_type"])
+    try:    # the family's own validators decide (LlamaConfig: hidden % heads == 0)
+        config_cls.from_dict(candidate)
+    except Exception:  # noqa: BLE001  (strict-dataclass validators raise several types)
+        return None
+    return {**candidate, "architectures": [model_cls.__name__]}
+
+
+def _remote_config(config_dict: dict, shapes: list[dict], head_dim: int) -> dict:
+    return {**config_dict, "head_dim": head_dim, "slimops_layers": shapes,
+            "slimops_base_model_type": config_dict["model_type"],
+            "architectures": ["SlimopsForCausalLM"],
+            "auto_map": {"AutoConfig": f"{REMOTE_MODULE}.SlimopsConfig",
+                         "AutoModelForCausalLM": f"{REMOTE_MODULE}.SlimopsForCausalLM"}}
+
+
+def _remote_source(model_type: str) -> str:
+    remote_modeling = _remote_modeling()
+    source = Path(remote_modeling.__file__).read_text()
+    return source + remote_modeling.family_lines(*family_classes(model_type))
+
+
+def _tokenizer_fingerprint(tokenizer) -> tuple:
+    return tuple(tokenizer(_PROBE_TEXT)["input_ids"]), len(tokenizer)
+
+
+def _auto_tokenizer_fingerprint(folder: Path) -> tuple:
+    from transformers import AutoTokenizer
+    return _tokenizer_fingerprint(AutoTokenizer.from_pretrained(folder))
+
+
+def _redirect_auto_tokenizer(folder: Path) -> None:
+    """Point tokenizer_config.json's auto_map at modeling_slimops.SlimopsTokenizer."""
+    path = folder / "tokenizer_config.json"
+    tok_config = json.loads(path.read_text())
+    tok_config["auto_map"] = {"AutoTokenizer": [None, f"{REMOTE_MODULE}.SlimopsTokenizer"]}
+    path.write_text(json.dumps(tok_config, indent=2) + "\n")
+
+
+def _save_tokenizer(folder: Path, tokenizer) -> bool:
+    """Save the tokenizer so AutoTokenizer gives the same ids; True if it needs the remote file.
+
+    transformers 5 picks the tokenizer class from config.model_type for some families
+    (qwen2 -> Qwen2Tokenizer, whatever tokenizer_config.json says), which re-tokenizes
+    with its own pre-tokenizer: same text, other ids, no error (see DESIGN.md pitfalls).
+    """
+    tokenizer.save_pretrained(folder)
+    want = _tokenizer_fingerprint(tokenizer)
+    if _auto_tokenizer_fingerprint(folder) == want:
+        return False
+    if type(tokenizer).__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        _redirect_auto_tokenizer(folder)
+        if _auto_tokenizer_fingerprint(folder) == want:
+            return True
+    raise ValueError(f"AutoTokenizer.from_pretrained on the saved checkpoint gives other token "
+                     f"ids than the {type(tokenizer).__name__} passed in (model_type "
+                     "decides the class in transformers 5); save without tokenizer= and ship "
+                     "the tokenizer separately, or pass the family's own tokenizer class")
+
+
+def _write_checkpoint(tmp: Path, model, tokenizer, plan, extra_info) -> None:
+    adapter = get_adapter(model)
+    shapes = model_layer_shapes(model)
+    model.save_pretrained(tmp)
+    config_path = tmp / "config.json"
+    config_dict = json.loads(config_path.read_text())
+    for key in _OWN_KEYS:
+        config_dict.pop(key, None)
+    config_dict = (_stock_config(config_dict, shapes, adapter.head_dim)
+                   or _remote_config(config_dict, shapes, adapter.head_dim))
+    config_path.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    # config.json first: AutoTokenizer reads its model_type in the check.
+    tokenizer_needs_remote = tokenizer is not None and _save_tokenizer(tmp, tokenizer)
+    remote = tmp / REMOTE_FILE
+    if "auto_map" in config_dict or tokenizer_needs_remote:
+        remote.write_text(_remote_source(adapter.family))
+    elif remote.exists():     # save_pretrained copies it when re-saving a remote-code model
+        remote.unlink()
+    if plan is not None:
+        (tmp / PLAN_FILE).write_text(plan.to_json())
+    if extra_info is not None:
+        (tmp / INFO_FILE).write_text(json.dumps(extra_info, indent=2, default=str))
+
+
+def _is_occupied(path: Path) -> bool:
+    return path.exists() and not (path.is_dir() and not any(path.iterdir()))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if not _is_occupied(out):
+        if out.exists():
+            out.rmdir()              # an empty dir: rename cannot replace it on every OS
+        os.rename(tmp, out)
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} appeared during the save; pass overwrite=True to replace it")
+    aside = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(out, aside)            # old kept whole until the new one is in place
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(aside, out)
+        raise
+    _remove(aside)
+
+
+def save_pruned(model, out_dir, tokenizer=None, plan=None, extra_info=None,
+                overwrite: bool = False) -> Path:
+    """Write `model` (sliced, per-layer shapes) as a loadable HF folder; returns its path.
+
+    Raises FileExistsError before any work when out_dir exists and is non-empty, unless
+    overwrite=True (then the old folder is replaced atomically). A failure or interrupt
+    midway leaves neither out_dir nor a temp dir behind.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    if _is_occupied(out) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it "
+                              "or choose another folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Same filesystem as out_dir, so the final rename is atomic.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _write_checkpoint(tmp, model, tokenizer, plan, extra_info)
+        _move_into_place(tmp, out, overwrite)
+    except BaseException:            # KeyboardInterrupt included: never leave a half save
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load(path, device="cpu", dtype=None):
+    """(model, tokenizer or None) from a slimops checkpoint or any plain HF causal-LM folder,
+    without remote code. dtype=None keeps the saved dtype."""
+    from transformers import AutoModelForCausalLM
+    path = Path(path).expanduser()
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a HF model folder")
+    raw = json.loads(config_path.read_text())
+    kwargs = {"dtype": dtype if dtype is not None else "auto"}
+    if "slimops_layers" in raw:
+        family = raw.get("slimops_base_model_type") or raw["model_type"]
+        # The same classes the checkpoint's modeling_slimops.py defines: one source of truth.
+        _, model_cls = _remote_modeling().make_classes(*family_classes(family))
+        model = model_cls.from_pretrained(path, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, **kwargs)
+    return model.to(device).eval(), _load_tokenizer(path)
+
+
+def _load_tokenizer(path: Path):
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)

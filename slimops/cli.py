@@ -1,0 +1,133 @@
+"""`slimops prune | eval | demo` (see README for examples)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, FloatingPointError,
+               ImportError)
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="prune a HF causal LM and save the smaller checkpoint")
+    p.add_argument("model", help="local HF model folder or hub id")
+    p.add_argument("--method", default="slimgpt", choices=["slimgpt"])
+    p.add_argument("--ratio", type=float, default=0.2,
+                   help="share of decoder-layer parameters to remove, in (0, 1)")
+    p.add_argument("--schedule", default="log",
+                   help="per-layer ratios: log | linear | uniform | comma-separated list")
+    p.add_argument("--calib", default="wikitext2",
+                   help="wikitext2 | c4 | a text file | a folder of text files | ids.pt")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+    p.add_argument("--percdamp", type=float, default=0.01)
+    p.add_argument("--json", help="also write the prune report as JSON here")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity and parameter count of a model")
+    p.add_argument("model")
+    p.add_argument("--data", default="wikitext2",
+                   help="wikitext2 | c4 (test split) | a text file | a folder of text files")
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-windows", type=int, default=None, help="score only this many windows")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--json", help="write {ppl, params, ...} here")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="prune the built-in reference model by 20%% and compare")
+    p.add_argument("--ratio", type=float, default=0.2)
+    p.add_argument("--out", help="also save the pruned checkpoint here")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--eval-windows", type=int, default=512,
+                   help="score this many 128-token test windows (0 = the whole test split)")
+
+
+def cmd_prune(args) -> None:
+    from . import calibration, pipeline
+    from .checkpoint import save_pruned
+    from .schedules import parse_schedule
+    pipeline.check_ratio(args.ratio)                          # all cheap checks first
+    schedule = parse_schedule(args.schedule)
+    pipeline.resolve_model_path(args.model)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty (use --overwrite)")
+    if args.calib not in calibration.HUB_DATASETS and not Path(args.calib).exists():
+        raise FileNotFoundError(f"--calib {args.calib!r} is neither "
+                                f"{calibration.HUB_DATASETS} nor an existing file or folder")
+    tokenizer = pipeline.load_tokenizer(args.model)         # calibration before weights:
+    tokens = calibration.calibration_tokens(args.calib, tokenizer, args.nsamples, args.seqlen,
+                                            args.seed)           # short data fails fast
+    model, _ = pipeline.load_model(args.model, args.dtype)
+    plan, report = pipeline.prune_model(model, tokens, args.method, args.ratio, schedule,
+                                        args.device, batch_size=args.batch_size,
+                                        percdamp=args.percdamp)
+    info = _report_dict(report) | {"model": args.model, "calib": args.calib,
+                                   "nsamples": args.nsamples, "seqlen": args.seqlen}
+    save_pruned(model.to("cpu"), out, tokenizer=tokenizer, plan=plan, extra_info=info,
+                overwrite=args.overwrite)
+    print(report.summary())
+    print(f"saved to {out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=2))
+
+
+def _report_dict(report) -> dict:
+    return asdict(report) | {"achieved_ratio": report.achieved_ratio,
+                             "total_ratio": report.total_ratio}
+
+
+def cmd_eval(args) -> None:
+    from . import calibration, pipeline
+    from .evaluation.perplexity import perplexity
+    from .models import get_adapter
+    model, tokenizer = pipeline.load_model(args.model, args.dtype)
+    split = "test" if args.data in calibration.HUB_DATASETS else "train"
+    ids = calibration.tokenize(calibration.load_text(args.data, split), tokenizer)
+    model.to(args.device)
+    ppl = perplexity(model, ids, args.seqlen, args.batch_size, max_windows=args.max_windows)
+    adapter = get_adapter(model)
+    result = {"ppl": ppl, "params": adapter.total_params(),
+              "decoder_params": adapter.decoder_params(), "seqlen": args.seqlen,
+              "tokens": int(ids.numel()), "data": args.data, "model": args.model}
+    print(f"ppl {ppl:.3f}  params {result['params']:,}  ({result['tokens']:,} tokens, "
+          f"seqlen {args.seqlen})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+    run_demo(ratio=args.ratio, out=args.out, device=args.device, eval_windows=args.eval_windows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slimops", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_prune(sub)
+    _add_eval(sub)
+    _add_demo(sub)
+    args = parser.parse_args(argv)
+    try:
+        {"prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)
+    except USER_ERRORS as err:
+        print(f"slimops {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pruning methods: each exposes prune(model, tokens, config, adapter) -> PruningPlan."""

@@ -1,0 +1,158 @@
+"""The one Python registration point of the `slimops` operators (DESIGN.md).
+
+`import slimops._C` registers the schemas (csrc/ops.cpp) and the C++ CPU (and, in a CUDA
+build, CUDA) kernels. Without the extension (SLIMOPS_NO_EXT=1, or a failed build) the same
+schemas are defined here and the kernels/*/reference.py oracles serve as the CPU kernels,
+so every caller works unchanged, only slower. Fake impls for tracing are registered here in
+both cases. Callers use the wrappers below, never torch.ops directly.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from slimops.kernels.hessian import reference as hessian_ref
+from slimops.kernels.obs import reference as obs_ref
+
+# Keep identical to the TORCH_LIBRARY block in csrc/ops.cpp.
+SCHEMAS = {
+    "hessian_accumulate": "(Tensor(a!) H, Tensor X, Tensor? group_ids, float scale) -> ()",
+    "obs_group_errors": "(Tensor W, Tensor Hinv, Tensor groups) -> Tensor",
+    "obs_group_update": "(Tensor(a!) W, Tensor(b!) Hinv, Tensor idx) -> Tensor",
+}
+
+_EXT_ERROR = None
+if os.environ.get("SLIMOPS_NO_EXT", "0") not in ("", "0"):  # also at run time: test the fallback
+    _EXT_ERROR = "SLIMOPS_NO_EXT is set"
+else:
+    try:
+        import slimops._C  # noqa: F401  (loads the library: schemas + C++ kernels)
+    except ImportError as exc:  # not built, or built against another torch
+        _EXT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+# --- pure-Python fallback: the references, wrapped to the ops' exact contracts ----------
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise RuntimeError(msg)
+
+
+def _check_indices(op: str, idx: torch.Tensor, d: int) -> None:
+    _check(idx.dtype == torch.int64, f"{op}: column indices must be int64, got {idx.dtype}")
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        _check(lo >= 0 and hi < d, f"{op}: column indices must lie in [0, d={d}), got values in [{lo}, {hi}]")
+
+
+def _check_w_hinv(op: str, W: torch.Tensor, Hinv: torch.Tensor) -> None:
+    _check(W.dim() == 2 and Hinv.dim() == 2 and Hinv.shape[0] == Hinv.shape[1] == W.shape[1],
+           f"{op}: W must be (r, d) and Hinv (d, d), got {tuple(W.shape)} and {tuple(Hinv.shape)}")
+    _check(W.dtype == Hinv.dtype == torch.float32,
+           f"{op}: W and Hinv must be float32, got {W.dtype} and {Hinv.dtype}")
+
+
+def _hessian_accumulate_py(H, X, group_ids, scale):
+    op = "hessian_accumulate"
+    _check(H.dim() == 3 and H.shape[1] == H.shape[2] and H.shape[0] >= 1,
+           f"{op}: H must have shape (G, d, d), got {tuple(H.shape)}")
+    _check(H.dtype == torch.float32, f"{op}: H must be float32 (the accumulator), got {H.dtype}")
+    _check(X.dim() == 2, f"{op}: X must have shape (T, d), got {tuple(X.shape)}")
+    _check(X.shape[1] == H.shape[1], f"{op}: X has width {X.shape[1]} but H is {H.shape[1]} x {H.shape[2]}")
+    _check(X.dtype in (torch.float32, torch.bfloat16, torch.float16),
+           f"{op}: X must be float32, bfloat16 or float16, got {X.dtype}")
+    if group_ids is None:
+        _check(H.shape[0] == 1, f"{op}: H has G={H.shape[0]} groups but group_ids is None")
+    else:
+        _check(group_ids.shape == (X.shape[0],), f"{op}: group_ids must have shape (T,)=({X.shape[0]},)")
+        _check(group_ids.dtype == torch.int64, f"{op}: group_ids must be int64, got {group_ids.dtype}")
+        _check(group_ids.numel() == 0 or (int(group_ids.min()) >= 0 and int(group_ids.max()) < H.shape[0]),
+               f"{op}: group ids must lie in [0, G={H.shape[0]})")
+    hessian_ref.hessian_accumulate(H, X, group_ids, scale)
+
+
+def _obs_group_errors_py(W, Hinv, groups):
+    _check_w_hinv("obs_group_errors", W, Hinv)
+    _check(groups.dim() == 2, f"obs_group_errors: groups must have shape (B, s), got {tuple(groups.shape)}")
+    _check_indices("obs_group_errors", groups, Hinv.shape[0])
+    blocks = Hinv[groups.unsqueeze(-1), groups.unsqueeze(-2)]           # (B, s, s)
+    L, info = obs_ref.block_cholesky(blocks)
+    err = obs_ref.group_errors(W[:, groups].permute(1, 0, 2), L)        # W_blocks (B, r, s)
+    return err.masked_fill(info > 0, float("inf"))
+
+
+def _obs_group_update_py(W, Hinv, idx):
+    _check_w_hinv("obs_group_update", W, Hinv)
+    _check(idx.dim() == 1, f"obs_group_update: idx must be a 1-D tensor of column indices, got {tuple(idx.shape)}")
+    _check_indices("obs_group_update", idx, Hinv.shape[0])
+    _, info = torch.linalg.cholesky_ex(Hinv[idx][:, idx])
+    if idx.numel() > 0 and int(info) == 0:       # not PD: leave W and Hinv untouched
+        obs_ref.group_update(W, Hinv, idx)
+    return info.to(torch.int32)
+
+
+if _EXT_ERROR is not None:
+    _LIB = torch.library.Library("slimops", "DEF")  # kept alive: dropping it unregisters
+    for _name, _fn in (("hessian_accumulate", _hessian_accumulate_py),
+                       ("obs_group_errors", _obs_group_errors_py),
+                       ("obs_group_update", _obs_group_update_py)):
+        _LIB.define(_name + SCHEMAS[_name])
+        _LIB.impl(_name, _fn, "CPU")
+
+
+# --- fake (meta) impls: shapes only, for torch.compile / FakeTensor tracing -------------
+
+@torch.library.register_fake("slimops::hessian_accumulate")
+def _(H, X, group_ids, scale):
+    return None
+
+
+@torch.library.register_fake("slimops::obs_group_errors")
+def _(W, Hinv, groups):
+    return W.new_empty((groups.shape[0],))
+
+
+@torch.library.register_fake("slimops::obs_group_update")
+def _(W, Hinv, idx):
+    return W.new_empty((), dtype=torch.int32)
+
+
+# --- public API --------------------------------------------------------------------------
+
+def hessian_accumulate(H: torch.Tensor, X: torch.Tensor, group_ids: torch.Tensor | None = None,
+                       scale: float = 1.0) -> None:
+    """In place: H[g] += scale * X_g^T X_g. H (G, d, d) fp32; X (..., d) fp32/bf16/fp16 (leading
+    dims are flattened); group_ids (...,) int64 in [0, G), or None when G == 1."""
+    X = X.reshape(-1, X.shape[-1])
+    if group_ids is not None:
+        group_ids = group_ids.reshape(-1)
+    torch.ops.slimops.hessian_accumulate(H, X, group_ids, float(scale))
+
+
+def obs_group_errors(W: torch.Tensor, Hinv: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """OBS error of removing each group of columns: (B,) fp32, +inf where Hinv[S,S] is not PD.
+    W (r, d) fp32, Hinv (d, d) fp32, groups (B, s) int64 column indices."""
+    return torch.ops.slimops.obs_group_errors(W, Hinv, groups)
+
+
+def obs_group_update(W: torch.Tensor, Hinv: torch.Tensor, idx: torch.Tensor) -> int:
+    """Remove columns idx: OBS update of W and rank-s downdate of Hinv, in place. Returns 0 on
+    success, > 0 when Hinv[idx, idx] is not PD (then W and Hinv are unchanged: refactorise)."""
+    return int(torch.ops.slimops.obs_group_update(W, Hinv, idx).item())
+
+
+def backends() -> dict[str, str]:
+    """Which implementation serves each backend, and why the others do not."""
+    if _EXT_ERROR is None:
+        build = torch.ops.slimops._build_info()
+        cpu = "C++ extension slimops._C"
+    else:
+        build, cpu = None, f"python reference (extension not built: {_EXT_ERROR})"
+    if torch.version.cuda is None:
+        cuda = "not available: torch has no CUDA"
+    elif build != "cuda":
+        cuda = "not available: extension built without CUDA" if build else "not available: extension not built"
+    else:
+        cuda = "C++/CUDA extension slimops._C"
+    return {"cpu": cpu, "triton": "not available: not implemented yet", "cuda": cuda}

@@ -1,0 +1,132 @@
+"""The user-level flow: load -> calibrate -> method -> slice -> report (-> save).
+
+Every stage takes and returns plain objects, so the CLI, the demo, benchmarks and tests
+all call the same functions.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .models import get_adapter
+from .plan import PruningPlan
+from .slicing import apply_plan
+
+METHODS = ("slimgpt",)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"--ratio {ratio} is outside (0, 1): it is the share of decoder-layer "
+                         "parameters to remove, e.g. 0.2")
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder, or something that looks like a hub id (org/name); else a clear error."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {path} has no config.json")
+        return str(path)
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise FileNotFoundError(f"model path {name!r} does not exist (give a HF model folder "
+                                "or a hub id like org/name)")
+    return name
+
+
+def load_model(name: str, dtype: str = "fp32"):
+    """(model, tokenizer) on the CPU; slimops checkpoints (per-layer shapes) load without
+    remote code. The family is checked before any weights are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from .checkpoint import load as load_checkpoint
+    from .models import adapter_class
+    path = resolve_model_path(name)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if _is_slimops_checkpoint(path):
+        return load_checkpoint(path, device="cpu", dtype=DTYPES[dtype])
+    adapter_class(getattr(AutoConfig.from_pretrained(path), "model_type", None))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+
+
+def _is_slimops_checkpoint(path: str) -> bool:
+    import json
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and "slimops_layers" in json.loads(cfg.read_text())
+
+
+@dataclass
+class PruneReport:
+    method: str
+    target_ratio: float
+    decoder_params_before: int
+    decoder_params_after: int
+    total_params_before: int
+    total_params_after: int
+    wall_seconds: float
+    peak_memory_mb: float
+    layer_shapes: list
+    info: dict = field(default_factory=dict)
+
+    @property
+    def achieved_ratio(self) -> float:
+        return 1.0 - self.decoder_params_after / self.decoder_params_before
+
+    @property
+    def total_ratio(self) -> float:
+        return 1.0 - self.total_params_after / self.total_params_before
+
+    def table(self) -> str:
+        rows = ["| layer | query heads | KV heads | FFN width |", "|---:|---:|---:|---:|"]
+        rows += [f"| {i} | {s['num_attention_heads']} | {s['num_key_value_heads']} | "
+                 f"{s['intermediate_size']} |" for i, s in enumerate(self.layer_shapes)]
+        return "\n".join(rows)
+
+    def summary(self) -> str:
+        return "\n".join([
+            self.table(), "",
+            f"decoder params: {self.decoder_params_before:,} -> {self.decoder_params_after:,} "
+            f"(removed {self.achieved_ratio:.2%}, target {self.target_ratio:.2%})",
+            f"whole model:    {self.total_params_before:,} -> {self.total_params_after:,} "
+            f"(removed {self.total_ratio:.2%}; embeddings and lm_head are not pruned)",
+            f"wall time {self.wall_seconds:.1f} s, peak memory {self.peak_memory_mb:.0f} MB"])
+
+
+def prune_model(model, tokens: torch.Tensor, method: str = "slimgpt", ratio: float = 0.2,
+                schedule="log", device: str = "cpu", **options) -> tuple[PruningPlan, PruneReport]:
+    """Prune `model` in place to the method's plan and slice it; returns plan and report."""
+    check_ratio(ratio)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    adapter = get_adapter(model)
+    before = (adapter.decoder_params(), adapter.total_params())
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    from .methods import slimgpt
+    cfg = slimgpt.SlimGPTConfig(ratio=ratio, schedule=schedule, device=device, **options)
+    plan = slimgpt.prune(model, tokens, cfg, adapter)
+    apply_plan(model, plan)
+    wall = time.perf_counter() - start
+    report = PruneReport(method, ratio, before[0], adapter.decoder_params(), before[1],
+                         adapter.total_params(), wall, _peak_memory_mb(device), plan.shapes(),
+                         plan.info)
+    return plan, report
+
+
+def _peak_memory_mb(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux

@@ -1,0 +1,179 @@
+"""The one layer-by-layer driver every layer-wise method plugs into.
+
+    capture the inputs of layer 0 (one forward of the embeddings, stopped at layer 0)
+    for each layer i:
+        move layer i to the compute device
+        method(LayerWork)      # accumulates Hessians through hooks, prunes, compensates
+        propagate: outputs of the PRUNED layer i become the inputs of layer i+1
+        move layer i back
+
+Only one decoder layer is on the compute device at a time, and the inputs of layer i are
+produced by the already-pruned layers 0..i-1 (SparseGPT / SlimGPT's sequential scheme).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import ops
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for layer 0: records its inputs and stops the forward pass."""
+
+    def __init__(self, layer: nn.Module, sink: list, kwargs_sink: dict):
+        super().__init__()
+        self.layer, self.sink, self.kwargs_sink = layer, sink, kwargs_sink
+
+    def forward(self, hidden_states, **kwargs):
+        self.sink.append(hidden_states)
+        if not self.kwargs_sink:
+            self.kwargs_sink.update(kwargs)
+        raise _StopForward
+
+
+@dataclass
+class PhaseTimer:
+    """Exclusive wall time per phase (forward, hessian, obs, ...): a phase nested inside
+    another is subtracted from its parent, so the phases add up to the total."""
+    seconds: dict = field(default_factory=dict)
+    _children: list = field(default_factory=list)
+
+    @contextmanager
+    def __call__(self, phase: str, device: torch.device | None = None):
+        _sync(device)
+        start = time.perf_counter()
+        self._children.append(0.0)
+        try:
+            yield
+        finally:
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            own = elapsed - self._children.pop()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + own
+            if self._children:
+                self._children[-1] += elapsed
+
+
+def _sync(device):
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def capture_inputs(adapter, tokens: torch.Tensor, batch_size: int, device) -> tuple[list, dict]:
+    """Hidden states entering layer 0 for every calibration batch, and the layer kwargs
+    (rotary embeddings, mask, positions): identical for all batches of one shape."""
+    backbone, layers = adapter.backbone(), adapter.layers()
+    first = layers[0]
+    moved = [(m, _device_of(m)) for name, m in backbone.named_children() if name != "layers"]
+    for m, _ in moved:
+        m.to(device)
+    inputs, kwargs = [], {}
+    layers[0] = _Catcher(first, inputs, kwargs)
+    try:
+        for start in range(0, tokens.shape[0], batch_size):
+            try:
+                backbone(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        layers[0] = first
+        for m, home in moved:
+            m.to(home)
+    kwargs.pop("past_key_values", None)
+    kwargs["use_cache"] = False
+    return inputs, kwargs
+
+
+class LayerWork:
+    """What a method sees of one layer: the layer on the compute device, its calibration
+    inputs, and helpers to accumulate Hessians of any of its Linear inputs."""
+
+    def __init__(self, index, layer, adapter, inputs, kwargs, device, timer,
+                 accumulate=ops.hessian_accumulate):
+        self.index, self.layer, self.adapter = index, layer, adapter
+        self.inputs, self.kwargs, self.device, self.timer = inputs, kwargs, device, timer
+        self.accumulate = accumulate
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.layer(hidden, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def hessians(self, modules: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+        """H = mean over calibration tokens of x x^T for the input x of each module, fp32,
+        accumulated with `self.accumulate` (ops.hessian_accumulate) in one pass."""
+        acc = {name: torch.zeros(1, m.in_features, m.in_features, device=self.device)
+               for name, m in modules.items()}
+        rows = {name: 0 for name in modules}
+
+        def hook(name):
+            def fn(_module, args):
+                x = args[0].reshape(-1, args[0].shape[-1])
+                with self.timer("hessian", self.device):
+                    self.accumulate(acc[name], x, None, 1.0)
+                rows[name] += x.shape[0]
+            return fn
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+        try:
+            with self.timer("forward", self.device):
+                for hidden in self.inputs:
+                    self.forward(hidden)
+        finally:
+            for h in handles:
+                h.remove()
+        return {name: acc[name][0] / max(rows[name], 1) for name in modules}
+
+
+def run_sequential(model, adapter, tokens: torch.Tensor, prune_layer: Callable[[LayerWork], None],
+                   device="cpu", batch_size: int = 8, desc: str = "pruning",
+                   accumulate=ops.hessian_accumulate) -> PhaseTimer:
+    """Drive `prune_layer` over every decoder layer, in order; returns the phase timings."""
+    device = torch.device(device)
+    timer = PhaseTimer()
+    use_cache = model.config.use_cache
+    model.config.use_cache = False
+    try:
+        with timer("forward", device):
+            inputs, kwargs = capture_inputs(adapter, tokens, batch_size, device)
+        layers = adapter.layers()
+        for i in tqdm(range(len(layers)), desc=desc, unit="layer"):
+            home = _device_of(layers[i])
+            layer = layers[i].to(device)
+            work = LayerWork(i, layer, adapter, inputs, kwargs, device, timer, accumulate)
+            prune_layer(work)
+            with timer("forward", device), torch.no_grad():
+                inputs = [work.forward(h) for h in inputs]
+            _check_finite(inputs, i)
+            layers[i] = layer.to(home)
+    finally:
+        model.config.use_cache = use_cache
+    return timer
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _check_finite(tensors: list[torch.Tensor], index: int) -> None:
+    for t in tensors:
+        if not torch.isfinite(t).all():
+            raise FloatingPointError(
+                f"non-finite activations after layer {index}: the model overflows in its dtype "
+                "on this calibration data; try --dtype fp32 or check the checkpoint")

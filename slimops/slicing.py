@@ -1,0 +1,82 @@
+"""Physical removal: replace each pruned layer's nn.Linear modules by smaller ones.
+
+Only index_select on weights: the kept weights (already OBS-compensated by the method) are
+copied unchanged, so a sliced model computes exactly what the masked model computed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .models import get_adapter
+from .plan import LayerPlan, PruningPlan
+
+
+def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    """Row (or column) indices of the given heads in a [heads * head_dim] axis."""
+    h = torch.as_tensor(heads, dtype=torch.long)
+    return (h[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+@torch.no_grad()
+def slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None,
+                 cols: torch.Tensor | None = None) -> nn.Linear:
+    """A new nn.Linear holding linear.weight[rows][:, cols] (and bias[rows])."""
+    w = linear.weight
+    if rows is not None:
+        w = w.index_select(0, rows.to(w.device))
+    if cols is not None:
+        w = w.index_select(1, cols.to(w.device))
+    out = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None,
+                    device=w.device, dtype=w.dtype)
+    out.weight.copy_(w)
+    if linear.bias is not None:
+        b = linear.bias if rows is None else linear.bias.index_select(0, rows.to(w.device))
+        out.bias.copy_(b)
+    return out
+
+
+def slice_layer(adapter, layer, lp: LayerPlan) -> None:
+    nh, nkv, ffn = adapter.layer_shape(layer)
+    lp.validate(nh, nkv, ffn)
+    hd = adapter.head_dim
+    attn, mlp = adapter.attn(layer), adapter.mlp(layer)
+    q_rows, kv_rows = head_rows(lp.kept_heads, hd), head_rows(lp.kept_kv_heads, hd)
+    channels = torch.as_tensor(lp.kept_channels, dtype=torch.long)
+    q, k, v = adapter.qkv(layer)
+    setattr(attn, adapter.q_name, slice_linear(q, rows=q_rows))
+    setattr(attn, adapter.k_name, slice_linear(k, rows=kv_rows))
+    setattr(attn, adapter.v_name, slice_linear(v, rows=kv_rows))
+    setattr(attn, adapter.o_name, slice_linear(adapter.o_proj(layer), cols=q_rows))
+    gate, up = adapter.gate_up(layer)
+    setattr(mlp, adapter.gate_name, slice_linear(gate, rows=channels))
+    setattr(mlp, adapter.up_name, slice_linear(up, rows=channels))
+    setattr(mlp, adapter.down_name, slice_linear(adapter.down_proj(layer), cols=channels))
+    adapter.set_layer_geometry(layer, len(lp.kept_heads), len(lp.kept_kv_heads))
+
+
+def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """Slice every layer of `model` in place to the plan's kept heads and channels."""
+    adapter = get_adapter(model)
+    layers = adapter.layers()
+    if len(plan.layers) != len(layers):
+        raise ValueError(f"plan has {len(plan.layers)} layers, model has {len(layers)}")
+    for layer, lp in zip(layers, plan.layers):   # check every layer before changing any
+        lp.validate(*adapter.layer_shape(layer))
+    for layer, lp in zip(layers, plan.layers):
+        slice_layer(adapter, layer, lp)
+    return model
+
+
+@torch.no_grad()
+def mask_layer(adapter, layer, lp: LayerPlan) -> None:
+    """Zero the o_proj / down_proj input columns of everything the plan removes (the
+    'virtually pruned' model: same function as the sliced one, dense shapes)."""
+    nh, _, ffn = adapter.layer_shape(layer)
+    hd = adapter.head_dim
+    drop_heads = sorted(set(range(nh)) - set(lp.kept_heads))
+    drop_ch = sorted(set(range(ffn)) - set(lp.kept_channels))
+    if drop_heads:
+        adapter.o_proj(layer).weight[:, head_rows(drop_heads, hd)] = 0
+    if drop_ch:
+        adapter.down_proj(layer).weight[:, drop_ch] = 0

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny randomly initialised models of every supported family and a tiny
+byte-level BPE tokenizer, all built offline."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama-mha": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 4}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+}
+
+
+def make_tiny_model(family: str = "llama", layers: int = 3, seed: int = 0, **overrides):
+    import transformers
+    cfg_name, model_name, extra = FAMILIES[family]
+    kwargs = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=256, tie_word_embeddings=False)
+    kwargs.update(extra)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**kwargs))
+    return model.eval()
+
+
+def make_tiny_tokenizer(vocab_size: int = 256):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([SAMPLE_TEXT] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Python is a programming language that lets "
+    "you work quickly and integrate systems more effectively. A list is a mutable sequence; "
+    "a tuple is an immutable one. Dictionaries map keys to values. " * 8)
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def saved_tiny_model(tmp_path):
+    """A tiny LLaMA GQA model + tokenizer saved as a HF folder; returns the path."""
+    path = tmp_path / "tiny-llama"
+    make_tiny_model("llama").save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    return path

@@ -1,0 +1,78 @@
+"""The CLI contract: prune -> save -> eval on a tiny saved model, and one-line errors for
+bad input before any work (nothing written to --out)."""
+import json
+
+import pytest
+
+from conftest import SAMPLE_TEXT
+from slimops.cli import main
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(SAMPLE_TEXT * 20)
+    return path
+
+
+def test_prune_then_eval(saved_tiny_model, text_file, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    rc = main(["prune", str(saved_tiny_model), "--ratio", "0.3", "--calib", str(text_file),
+               "--nsamples", "8", "--seqlen", "32", "--out", str(out),
+               "--json", str(tmp_path / "report.json")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "decoder params" in printed and "| layer |" in printed
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert abs(report["achieved_ratio"] - 0.3) <= 0.01
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    rc = main(["eval", str(out), "--data", str(text_file), "--seqlen", "32",
+               "--json", str(tmp_path / "eval.json")])
+    assert rc == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["ppl"] > 1 and result["params"] == report["total_params_after"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ratio", "1.5"], "outside (0, 1)"),
+    (["--ratio", "0"], "outside (0, 1)"),
+    (["--calib", "/nonexistent/file.txt"], "neither"),
+    (["--nsamples", "100000"], "fewer than nsamples x seqlen"),
+    (["--schedule", "quadratic"], "--schedule must be"),
+])
+def test_bad_input_is_one_clear_line(saved_tiny_model, text_file, tmp_path, capsys, args,
+                                     message):
+    out = tmp_path / "out"
+    base = ["prune", str(saved_tiny_model), "--calib", str(text_file), "--nsamples", "4",
+            "--seqlen", "32", "--out", str(out)]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and sum("error" in line for line in err) == 1
+    assert not out.exists()
+
+
+def test_missing_model_and_nonempty_out(tmp_path, text_file, saved_tiny_model, capsys):
+    assert main(["prune", str(tmp_path / "nope"), "--calib", str(text_file),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    assert main(["prune", str(saved_tiny_model), "--calib", str(text_file), "--out",
+                 str(busy)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (busy / "keep.txt").read_text() == "mine"
+
+
+def test_nonfinite_activations_are_reported(saved_tiny_model, text_file, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+    weights = load_file(saved_tiny_model / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weight"] = torch.full_like(
+        weights["model.layers.0.mlp.down_proj.weight"], float("inf"))
+    save_file(weights, saved_tiny_model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "o"
+    assert main(["prune", str(saved_tiny_model), "--calib", str(text_file), "--nsamples", "4",
+                 "--seqlen", "32", "--out", str(out)]) == 2
+    assert "non-finite" in capsys.readouterr().err
+    assert not out.exists()

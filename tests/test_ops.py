@@ -1,0 +1,222 @@
+"""slimops operators (slimops.ops) against their references, checked in float64 maths.
+
+Runs against whatever backend is installed: the C++ extension, or (SLIMOPS_NO_EXT=1) the
+Python registration of kernels/*/reference.py. Shapes are chosen to hit the kernels' edges:
+d=1, widths that are not multiples of the 256-column tile (300, 513), T=4099 (one row past
+a 4096-row chunk), groups with no rows.
+"""
+import pytest
+import torch
+
+from slimops import ops
+from slimops.kernels.hessian import reference as hessian_ref
+from slimops.kernels.obs import reference as obs_ref
+
+# opcheck's autograd check needs inputs that require grad; these ops mutate their inputs
+# and are not differentiable, so it does not apply.
+OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def assert_rel_close(actual, expected, tol):
+    """max |actual - expected| <= tol * max |expected| (fp32 kernels vs fp64 maths)."""
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().clamp_min(1e-30)
+    err = ((actual - expected).abs().max() / scale).item()
+    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+def spd(d, gen, cond=10.0):
+    """A well-conditioned SPD matrix in float64 (eigenvalues in [1, cond])."""
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=gen))
+    return Q @ torch.diag(torch.linspace(1.0, cond, d, dtype=torch.float64)) @ Q.T
+
+
+# --- hessian_accumulate ----------------------------------------------------------------------
+
+def hessian_fp64(H0, X, group_ids, scale):
+    H = H0.double().clone()
+    X = X.double()
+    for g in range(H.shape[0]):
+        rows = X if group_ids is None else X[group_ids == g]
+        H[g] += scale * rows.T @ rows
+    return H
+
+
+@pytest.mark.parametrize("T,d,G,empty_group", [
+    (1, 1, 1, None), (50, 37, 1, None), (4099, 37, 1, None), (600, 300, 1, None),
+    (700, 513, 3, 1), (257, 64, 4, 0),
+])
+def test_hessian_matches_fp64(T, d, G, empty_group):
+    gen = torch.Generator().manual_seed(T * 1000 + d)
+    X = torch.randn(T, d, generator=gen)
+    H = torch.randn(G, d, d, generator=gen)  # not symmetric: the op must add, not overwrite
+    ids = None
+    if G > 1:
+        ids = torch.randint(0, G, (T,), generator=gen)
+        ids[ids == empty_group] = (empty_group + 1) % G
+    expected = hessian_fp64(H, X, ids, 0.5)
+    ops.hessian_accumulate(H, X, ids, scale=0.5)
+    assert_rel_close(H, expected, 1e-5)
+    if ids is not None:  # untouched group keeps its start value exactly
+        assert torch.equal(H[empty_group].double(), expected[empty_group])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-5), (torch.float16, 1e-5)])
+def test_hessian_low_precision_input(dtype, tol):
+    # The reference upcasts X exactly, so the only error is the fp32 accumulation.
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(4099, 300, generator=gen).to(dtype)
+    ids = torch.randint(0, 3, (4099,), generator=gen)
+    H = torch.zeros(3, 300, 300)
+    ops.hessian_accumulate(H, X, ids)
+    assert_rel_close(H, hessian_fp64(torch.zeros(3, 300, 300), X, ids, 1.0), tol)
+
+
+def test_hessian_matches_reference_and_flattens():
+    gen = torch.Generator().manual_seed(2)
+    X = torch.randn(2, 40, 37, generator=gen)[:, :, :]  # (batch, seq, d): wrapper flattens
+    ids = torch.randint(0, 2, (2, 40), generator=gen)
+    H, H_ref = torch.zeros(2, 37, 37), torch.zeros(2, 37, 37)
+    ops.hessian_accumulate(H, X, ids)
+    hessian_ref.hessian_accumulate(H_ref, X.reshape(-1, 37), ids.reshape(-1))
+    assert_rel_close(H, H_ref, 1e-5)
+    # one group given as ids of zeros == no ids; a non-contiguous X view is fine
+    H1, H2 = torch.zeros(1, 37, 37), torch.zeros(1, 37, 37)
+    Xt = torch.randn(37, 90, generator=gen).T
+    ops.hessian_accumulate(H1, Xt, torch.zeros(90, dtype=torch.long))
+    ops.hessian_accumulate(H2, Xt.contiguous())
+    assert_rel_close(H1, H2, 1e-6)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: (torch.zeros(1, 4, 4, dtype=torch.float64), torch.randn(3, 4), None), "H must be float32"),
+    (lambda: (torch.zeros(4, 4), torch.randn(3, 4), None), r"H must have shape \(G, d, d\)"),
+    (lambda: (torch.zeros(1, 4, 4), torch.randn(3, 5), None), "X has width 5 but H is 4 x 4"),
+    (lambda: (torch.zeros(1, 4, 4), torch.ones(3, 4, dtype=torch.int32), None), "X must be float32, bfloat16"),
+    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), None), "group_ids is None"),
+    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 3, 1])), r"must lie in \[0, G=3\)"),
+    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, -1, 1])), r"must lie in \[0, G=3\)"),
+    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 1])), r"group_ids must have shape \(T,\)"),
+    (lambda: (torch.zeros(2, 4, 4), torch.randn(3, 4), torch.tensor([0., 1., 1.])), "group_ids must be int64"),
+])
+def test_hessian_bad_input(make, match):
+    H, X, ids = make()
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.slimops.hessian_accumulate(H, X, ids, 1.0)
+
+
+# --- obs_group_errors --------------------------------------------------------------------
+
+def errors_fp64(W, Hinv, groups):
+    """Brute force: tr(W_S inv(Hinv_SS) W_S^T) with an explicit inverse, in float64."""
+    W, Hinv = W.double(), Hinv.double()
+    return torch.stack([torch.trace(W[:, S] @ torch.linalg.inv(Hinv[S][:, S]) @ W[:, S].T) for S in groups])
+
+
+@pytest.mark.parametrize("r,d,s", [(5, 48, 8), (3, 37, 1), (1, 1, 1), (7, 64, 16)])
+def test_obs_errors_match_brute_force(r, d, s):
+    gen = torch.Generator().manual_seed(r * 100 + d)
+    Hinv = torch.linalg.inv(spd(d, gen)).float()
+    W = torch.randn(r, d, generator=gen)
+    groups = torch.randperm(d, generator=gen)[: (d // s) * s].view(-1, s)
+    err = ops.obs_group_errors(W, Hinv, groups)
+    assert err.shape == (groups.shape[0],) and err.dtype == torch.float32
+    assert_rel_close(err, errors_fp64(W, Hinv, groups), 1e-4)
+    # the reference's pieces agree as well
+    L, info = obs_ref.block_cholesky(Hinv[groups.unsqueeze(-1), groups.unsqueeze(-2)])
+    assert_rel_close(err, obs_ref.group_errors(W[:, groups].permute(1, 0, 2), L), 1e-5)
+
+
+def test_obs_errors_inf_for_non_pd_block():
+    gen = torch.Generator().manual_seed(3)
+    Hinv = torch.linalg.inv(spd(12, gen)).float()
+    Hinv[4:8, 4:8] = -torch.eye(4)  # group 1's block is negative definite
+    W = torch.randn(3, 12, generator=gen)
+    groups = torch.arange(12).view(3, 4)
+    err = ops.obs_group_errors(W, Hinv, groups)
+    assert torch.isinf(err[1]) and err[1] > 0
+    assert torch.isfinite(err[[0, 2]]).all()
+    assert ops.obs_group_errors(W, Hinv, groups[:0]).shape == (0,)
+
+
+# --- obs_group_update --------------------------------------------------------------------
+
+@pytest.mark.parametrize("r,d,s", [(6, 40, 8), (4, 37, 5), (3, 9, 1)])
+def test_obs_update_matches_reference_and_schur(r, d, s):
+    gen = torch.Generator().manual_seed(r * 100 + d)
+    H = spd(d, gen)
+    W = torch.randn(r, d, generator=gen)
+    Hinv = torch.linalg.inv(H).float()
+    idx = torch.randperm(d, generator=gen)[:s]
+    W64, Hinv64 = W.double(), Hinv.double()
+    obs_ref.group_update(W64, Hinv64, idx)  # reference, in float64
+
+    assert ops.obs_group_update(W, Hinv, idx) == 0
+    assert_rel_close(W, W64, 1e-4)
+    assert_rel_close(Hinv, Hinv64, 1e-4)
+    assert (W[:, idx] == 0).all() and (Hinv[idx] == 0).all() and (Hinv[:, idx] == 0).all()
+    # Schur complement: the downdated Hinv on the kept columns is inv(H[R, R]).
+    keep = torch.ones(d, dtype=torch.bool)
+    keep[idx] = False
+    R = keep.nonzero().squeeze(1)
+    assert_rel_close(Hinv[R][:, R], torch.linalg.inv(H[R][:, R]), 1e-4)
+
+    # A second removal composes: Hinv on the rest is inv(H) of the rest.
+    if d - s > s:
+        idx2 = R[:s]
+        assert ops.obs_group_update(W, Hinv, idx2) == 0
+        keep[idx2] = False
+        R2 = keep.nonzero().squeeze(1)
+        assert_rel_close(Hinv[R2][:, R2], torch.linalg.inv(H[R2][:, R2]), 1e-4)
+
+
+def test_obs_update_non_pd_leaves_inputs_unchanged():
+    gen = torch.Generator().manual_seed(4)
+    Hinv = torch.linalg.inv(spd(10, gen)).float()
+    Hinv[2:5, 2:5] = 0.0  # singular block: not positive definite
+    W = torch.randn(4, 10, generator=gen)
+    W0, Hinv0 = W.clone(), Hinv.clone()
+    info = ops.obs_group_update(W, Hinv, torch.tensor([2, 3, 4]))
+    assert isinstance(info, int) and info > 0
+    assert torch.equal(W, W0) and torch.equal(Hinv, Hinv0)
+
+
+@pytest.mark.parametrize("op,args,match", [
+    ("obs_group_errors", lambda: (torch.randn(3, 5), torch.eye(4), torch.zeros(1, 2, dtype=torch.long)), "Hinv"),
+    ("obs_group_errors", lambda: (torch.randn(3, 4).double(), torch.eye(4).double(),
+                                  torch.zeros(1, 2, dtype=torch.long)), "must be float32"),
+    ("obs_group_errors", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 4]])), r"lie in \[0, d=4\)"),
+    ("obs_group_errors", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([0, 1])), r"shape \(B, s\)"),
+    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 1]])), "1-D"),
+    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([0., 1.])), "int64"),
+    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([-1])), r"lie in \[0, d=4\)"),
+])
+def test_obs_bad_input(op, args, match):
+    with pytest.raises(RuntimeError, match=match):
+        getattr(torch.ops.slimops, op)(*args())
+
+
+# --- registration ------------------------------------------------------------------------
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(20, 6, generator=gen)
+    ids = torch.randint(0, 2, (20,), generator=gen)
+    torch.library.opcheck(torch.ops.slimops.hessian_accumulate.default,
+                          (torch.zeros(1, 6, 6), X, None, 1.0), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.slimops.hessian_accumulate.default,
+                          (torch.zeros(2, 6, 6), X.half(), ids, 0.5), test_utils=OPCHECK_UTILS)
+    Hinv = torch.linalg.inv(spd(8, gen)).float()
+    W = torch.randn(3, 8, generator=gen)
+    torch.library.opcheck(torch.ops.slimops.obs_group_errors.default,
+                          (W, Hinv, torch.arange(8).view(4, 2)), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.slimops.obs_group_update.default,
+                          (W.clone(), Hinv.clone(), torch.tensor([1, 5])), test_utils=OPCHECK_UTILS)
+
+
+def test_backends_report():
+    report = ops.backends()
+    assert set(report) == {"cpu", "triton", "cuda"}
+    assert report["cpu"].startswith(("C++ extension", "python reference"))
+    if torch.version.cuda is None:
+        assert report["cuda"] == "not available: torch has no CUDA"
