@@ -1,0 +1,57 @@
+"""The shipped reference model: loads offline, its tokenizer round-trips with the exact ids
+it was trained on, it is really trained, and the demo prunes it with a small ppl change."""
+import json
+
+import pytest
+import torch
+
+from slimops import corpus
+from slimops.demo import REFERENCE_MODEL, run_demo
+
+needs_corpus = pytest.mark.skipif(corpus.find_corpus_dir() is None, reason=corpus.CORPUS_HINT)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return (AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL).eval(),
+            AutoTokenizer.from_pretrained(REFERENCE_MODEL))
+
+
+def test_tokenizer_ids_match_the_trained_tokenizer(reference):
+    from tokenizers import Tokenizer
+    _, tok = reference
+    raw = Tokenizer.from_file(str(REFERENCE_MODEL / "tokenizer.json"))
+    text = "Hello, World!\n\n  def f(x):\treturn x ** 2  # naïve café\n.. versionadded:: 3.11"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == raw.encode(text, add_special_tokens=False).ids
+    assert tok.decode(ids) == text
+
+
+def test_reference_model_shape_and_size():
+    cfg = json.loads((REFERENCE_MODEL / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["num_key_value_heads"] < cfg["num_attention_heads"]
+    assert (REFERENCE_MODEL / "model.safetensors").stat().st_size <= 25 * 2**20
+
+
+@needs_corpus
+def test_reference_model_is_trained(reference):
+    from slimops.calibration import tokenize
+    from slimops.evaluation.perplexity import perplexity
+    model, tok = reference
+    ids = tokenize(corpus.read_split("test"), tok)
+    ppl = perplexity(model, ids, seqlen=128, batch_size=32, max_windows=32, progress=False)
+    assert ppl < 150, ppl            # an untrained model of this vocab scores ~4096
+
+
+@needs_corpus
+def test_demo_prunes_20_percent_with_small_ppl_change(tmp_path, capsys):
+    result = run_demo(ratio=0.2, out=str(tmp_path / "pruned"), eval_windows=32)
+    report = result["report"]
+    assert abs(report.achieved_ratio - 0.2) <= 0.01
+    assert result["pruned_ppl"] < 1.15 * result["dense_ppl"]
+    assert "| slimgpt 20% |" in capsys.readouterr().out
+    import slimops
+    model, tok = slimops.load(tmp_path / "pruned")
+    ids = torch.tensor([tok("The os module", add_special_tokens=False)["input_ids"]])
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
