@@ -14,12 +14,15 @@ import torch
 
 from slimops.kernels.hessian import reference as hessian_ref
 from slimops.kernels.obs import reference as obs_ref
+from slimops.kernels.slice_gemm import reference as slice_ref
 
 # Keep identical to the TORCH_LIBRARY block in csrc/ops.cpp.
 SCHEMAS = {
     "hessian_accumulate": "(Tensor(a!) H, Tensor X, Tensor? group_ids, float scale) -> ()",
     "obs_group_errors": "(Tensor W, Tensor Hinv, Tensor groups) -> Tensor",
     "obs_group_update": "(Tensor(a!) W, Tensor(b!) Hinv, Tensor idx) -> Tensor",
+    "slice_gemm": "(Tensor X, Tensor W, Tensor? bias, Tensor? in_idx, Tensor? out_idx, "
+                  "int in_block) -> Tensor",
 }
 
 _EXT_ERROR = None
@@ -92,12 +95,31 @@ def _obs_group_update_py(W, Hinv, idx):
     return info.to(torch.int32)
 
 
-if _EXT_ERROR is not None:
-    _LIB = torch.library.Library("slimops", "DEF")  # kept alive: dropping it unregisters
-    for _name, _fn in (("hessian_accumulate", _hessian_accumulate_py),
-                       ("obs_group_errors", _obs_group_errors_py),
-                       ("obs_group_update", _obs_group_update_py)):
+def _slice_gemm_py(X, W, bias, in_idx, out_idx, in_block):
+    op = "slice_gemm"
+    _check(X.dim() == 2 and W.dim() == 2 and X.shape[1] == W.shape[1],
+           f"{op}: X must be (T, d_in) and W (d_out, d_in), got {tuple(X.shape)} and {tuple(W.shape)}")
+    _check(X.dtype == W.dtype, f"{op}: X and W must share a dtype, got {X.dtype} and {W.dtype}")
+    _check(in_block >= 1, f"{op}: in_block must be >= 1, got {in_block}")
+    if in_idx is not None:
+        _check(W.shape[1] % in_block == 0, f"{op}: d_in={W.shape[1]} is not a multiple of in_block={in_block}")
+        _check_indices(op, in_idx, W.shape[1] // in_block)
+    if out_idx is not None:
+        _check_indices(op, out_idx, W.shape[0])
+    if bias is not None:
+        _check(bias.shape == (W.shape[0],), f"{op}: bias must be ({W.shape[0]},), got {tuple(bias.shape)}")
+    return slice_ref.slice_gemm(X, W, bias, in_idx, out_idx, in_block)
+
+
+_PY_KERNELS = {"hessian_accumulate": _hessian_accumulate_py, "obs_group_errors": _obs_group_errors_py,
+               "obs_group_update": _obs_group_update_py, "slice_gemm": _slice_gemm_py}
+# Define what the extension did not (all of it without _C) and give every op a CPU kernel:
+# an op whose C++ kernel is not written yet runs its reference instead of failing.
+_LIB = torch.library.Library("slimops", "FRAGMENT")  # kept alive: dropping it unregisters
+for _name, _fn in _PY_KERNELS.items():
+    if not torch._C._dispatch_has_kernel(f"slimops::{_name}") and not hasattr(torch.ops.slimops, _name):
         _LIB.define(_name + SCHEMAS[_name])
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"slimops::{_name}", "CPU"):
         _LIB.impl(_name, _fn, "CPU")
 
 
@@ -118,6 +140,54 @@ def _(W, Hinv, idx):
     return W.new_empty((), dtype=torch.int32)
 
 
+@torch.library.register_fake("slimops::slice_gemm")
+def _(X, W, bias, in_idx, out_idx, in_block):
+    rows = W.shape[0] if out_idx is None else out_idx.shape[0]
+    return X.new_empty((X.shape[0], rows))
+
+
+# --- backend dispatch ----------------------------------------------------------------
+# CPU tensors go to the C++ kernels (or the references). CUDA tensors go to the faster of the
+# two GPU paths; which one is faster is a measurement (benchmarks/RESULTS.md). Until one is
+# recorded the CUDA-extension kernel is preferred when built, else Triton.
+# SLIMOPS_BACKEND=cpu|triton|cuda forces one (Triton runs on CPU under TRITON_INTERPRET=1).
+BACKENDS = ("cpu", "triton", "cuda")
+MEASURED_GPU_BACKEND: dict[str, str] = {}          # op -> backend, from benchmark runs
+_TRITON_MODULES = {"hessian_accumulate": "hessian", "obs_group_errors": "obs",
+                   "obs_group_update": "obs", "slice_gemm": "slice_gemm"}
+
+
+def _triton_kernel(op: str):
+    import importlib
+    module = importlib.import_module(f"slimops.kernels.{_TRITON_MODULES[op]}.triton")
+    return getattr(module, op)
+
+
+def _has_cuda_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"slimops::{op}", "CUDA")
+
+
+def backend_for(op: str, device: torch.device) -> str:
+    forced = os.environ.get("SLIMOPS_BACKEND", "")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"SLIMOPS_BACKEND={forced!r}: choose one of {', '.join(BACKENDS)}")
+        if forced == "cuda" and not _has_cuda_kernel(op):
+            raise RuntimeError(f"SLIMOPS_BACKEND=cuda but {op} has no CUDA kernel: {backends()['cuda']}")
+        if forced != "triton" and (forced == "cuda") != (device.type == "cuda"):
+            raise RuntimeError(f"SLIMOPS_BACKEND={forced} cannot run {op} on {device} tensors")
+        return forced
+    if device.type != "cuda":
+        return "cpu"
+    return MEASURED_GPU_BACKEND.get(op, "cuda" if _has_cuda_kernel(op) else "triton")
+
+
+def _dispatch(op: str, device: torch.device, *args):
+    if backend_for(op, device) == "triton":
+        return _triton_kernel(op)(*args)
+    return getattr(torch.ops.slimops, op)(*args)
+
+
 # --- public API --------------------------------------------------------------------------
 
 def hessian_accumulate(H: torch.Tensor, X: torch.Tensor, group_ids: torch.Tensor | None = None,
@@ -127,19 +197,27 @@ def hessian_accumulate(H: torch.Tensor, X: torch.Tensor, group_ids: torch.Tensor
     X = X.reshape(-1, X.shape[-1])
     if group_ids is not None:
         group_ids = group_ids.reshape(-1)
-    torch.ops.slimops.hessian_accumulate(H, X, group_ids, float(scale))
+    _dispatch("hessian_accumulate", H.device, H, X, group_ids, float(scale))
 
 
 def obs_group_errors(W: torch.Tensor, Hinv: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """OBS error of removing each group of columns: (B,) fp32, +inf where Hinv[S,S] is not PD.
     W (r, d) fp32, Hinv (d, d) fp32, groups (B, s) int64 column indices."""
-    return torch.ops.slimops.obs_group_errors(W, Hinv, groups)
+    return _dispatch("obs_group_errors", W.device, W, Hinv, groups)
 
 
 def obs_group_update(W: torch.Tensor, Hinv: torch.Tensor, idx: torch.Tensor) -> int:
     """Remove columns idx: OBS update of W and rank-s downdate of Hinv, in place. Returns 0 on
     success, > 0 when Hinv[idx, idx] is not PD (then W and Hinv are unchanged: refactorise)."""
-    return int(torch.ops.slimops.obs_group_update(W, Hinv, idx).item())
+    return int(_dispatch("obs_group_update", W.device, W, Hinv, idx).item())
+
+
+def slice_gemm(X: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = None,
+               in_idx: torch.Tensor | None = None, out_idx: torch.Tensor | None = None,
+               in_block: int = 1) -> torch.Tensor:
+    """Y = X[:, I] @ W[J][:, I]^T (+ bias[J]), I = kept input blocks of width in_block (heads:
+    head_dim; channels: 1), J = kept output rows (None keeps all); gathered in-kernel."""
+    return _dispatch("slice_gemm", X.device, X, W, bias, in_idx, out_idx, int(in_block))
 
 
 def backends() -> dict[str, str]:
@@ -155,4 +233,16 @@ def backends() -> dict[str, str]:
         cuda = "not available: extension built without CUDA" if build else "not available: extension not built"
     else:
         cuda = "C++/CUDA extension slimops._C"
-    return {"cpu": cpu, "triton": "not available: not implemented yet", "cuda": cuda}
+    return {"cpu": cpu, "triton": _triton_status(), "cuda": cuda}
+
+
+def _triton_status() -> str:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "not available: triton is not installed"
+    if torch.cuda.is_available():
+        return f"available (triton {triton.__version__})"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return f"available under the interpreter (TRITON_INTERPRET=1, triton {triton.__version__})"
+    return "not available: no CUDA device (TRITON_INTERPRET=1 runs it on CPU, slowly)"

@@ -144,11 +144,12 @@ def prune(model, tokens: torch.Tensor, cfg: SlimGPTConfig, adapter=None) -> Prun
     ratios = layer_ratios(cfg.schedule, cfg.ratio, len(adapter.layers()))
     budget = _Budget(ratios)
     plans: list[LayerPlan] = []
-    accumulate = ops.hessian_accumulate
-    if cfg.reference:                        # plain torch addmm, as the authors' code
+    accumulate, batch_size = ops.hessian_accumulate, cfg.batch_size
+    if cfg.reference:   # as the authors' (SparseGPT-derived) code: one sequence per forward,
         from slimops.kernels.hessian.reference import hessian_accumulate as accumulate
+        batch_size = 1  # fp32 addmm of its activations into H
     timer = run_sequential(model, adapter, tokens, lambda w: plans.append(
-        prune_layer(w, cfg, budget)), device=cfg.device, batch_size=cfg.batch_size,
+        prune_layer(w, cfg, budget)), device=cfg.device, batch_size=batch_size,
         desc="slimgpt" + (" (reference)" if cfg.reference else ""), accumulate=accumulate)
     info = {"schedule": cfg.schedule, "layer_ratios": ratios, "percdamp": cfg.percdamp,
             "damping_grown": sum(d.grown for d in budget.damping),
