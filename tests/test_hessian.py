@@ -1,0 +1,203 @@
+"""`hessian` family backends against float64 maths: the Triton SYRK (under TRITON_INTERPRET=1
+on CPU, compiled on GPU) and the CUDA kernel behind torch.ops.slimops.hessian_accumulate.
+
+Shapes hit the kernels' edges: d=1, d=37 (not a multiple of any tile), T=1, T not a multiple
+of the row block, groups with no rows, a d=11008 column slice of a wider X (GPU only).
+"""
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first `import triton`
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from slimops import ops  # noqa: E402  (registers the ops: C++ kernels or the reference)
+
+try:
+    from slimops.kernels.hessian import triton as hessian_triton
+    if not torch.cuda.is_available() and not hessian_triton.INTERPRET:
+        hessian_triton = importlib.reload(hessian_triton)  # imported before the variable was set
+    TRITON_ERROR = None
+except ImportError as exc:
+    hessian_triton, TRITON_ERROR = None, f"triton not importable: {exc}"
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(hessian_triton is None, reason=str(TRITON_ERROR))
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def assert_rel_close(actual, expected, tol):
+    """max |actual - expected| <= tol * max |expected|."""
+    actual, expected = actual.double(), expected.double()
+    err = ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+def hessian_fp64(H0, X, group_ids, scale):
+    H, X = H0.double().clone(), X.double()
+    for g in range(H.shape[0]):
+        rows = X if group_ids is None else X[group_ids == g]
+        H[g] += scale * rows.T @ rows
+    return H
+
+
+def make_case(T, d, G, empty_group=None, dtype=torch.float32, device=DEVICE, seed=0):
+    gen = torch.Generator().manual_seed(seed + T * 1000 + d)
+    X = torch.randn(T, d, generator=gen).to(dtype)
+    H = torch.randn(G, d, d, generator=gen)  # not symmetric: the op must add, not overwrite
+    ids = None
+    if G > 1:
+        ids = torch.randint(0, G, (T,), generator=gen)
+        if empty_group is not None:
+            ids[ids == empty_group] = (empty_group + 1) % G
+        ids = ids.to(device)
+    return H.to(device), X.to(device), ids
+
+
+# bf16/fp16 products are exact in fp32, so on CPU every case is held to the fp32 accumulation
+# error. GPU tensor cores align the addends of each k=16 step by truncation (Fasi et al. 2021,
+# "Numerical behavior of NVIDIA tensor cores"): a biased ~2^-23 per step, (T/16) steps.
+LOW_PRECISION_GPU_TOL = 1e-4
+CASES = [  # T, d, G, empty_group, dtype
+    (1, 1, 1, None, torch.float32), (50, 37, 1, None, torch.float32), (1, 37, 3, 2, torch.float32),
+    (77, 64, 3, 1, torch.float32), (129, 33, 3, 0, torch.bfloat16), (70, 37, 1, None, torch.float16),
+]
+
+
+def run_and_check(accumulate, T, d, G, empty_group, dtype):
+    H, X, ids = make_case(T, d, G, empty_group, dtype)
+    tol = LOW_PRECISION_GPU_TOL if X.is_cuda and dtype != torch.float32 else 1e-5
+    expected = hessian_fp64(H, X, ids, 0.5)
+    accumulate(H, X, ids, 0.5)
+    assert_rel_close(H, expected, tol)
+    if empty_group is not None:  # an empty group keeps its start value bit for bit
+        assert torch.equal(H[empty_group].double(), expected[empty_group])
+
+
+# --- Triton (interpreter on CPU) ---------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("T,d,G,empty_group,dtype", CASES)
+def test_triton_matches_fp64(T, d, G, empty_group, dtype):
+    run_and_check(hessian_triton.hessian_accumulate, T, d, G, empty_group, dtype)
+
+
+@needs_triton
+def test_triton_streams_and_is_symmetric():
+    H, X, ids = make_case(150, 40, 2, dtype=torch.bfloat16)
+    H.zero_()
+    hessian_triton.hessian_accumulate(H, X[:90], ids[:90])  # twice == once on the concatenation
+    hessian_triton.hessian_accumulate(H, X[90:], ids[90:])
+    H_once = torch.zeros_like(H)
+    hessian_triton.hessian_accumulate(H_once, X, ids)
+    assert_rel_close(H, H_once, 1e-6)
+    # lower == upper exactly: only the lower half of each tile is computed, then mirrored
+    assert torch.equal(H, H.mT) and torch.equal(H_once, H_once.mT)
+
+
+@needs_triton
+def test_triton_strided_x_and_ids_of_zeros():
+    gen = torch.Generator().manual_seed(3)
+    Xt = torch.randn(37, 60, generator=gen).to(DEVICE).T  # (60, 37) view, stride (1, 60)
+    H1, H2 = torch.zeros(1, 37, 37, device=DEVICE), torch.zeros(1, 37, 37, device=DEVICE)
+    hessian_triton.hessian_accumulate(H1, Xt, torch.zeros(60, dtype=torch.long, device=DEVICE))
+    hessian_triton.hessian_accumulate(H2, Xt.contiguous())
+    assert_rel_close(H1, hessian_fp64(torch.zeros(1, 37, 37), Xt.cpu(), None, 1.0), 1e-5)
+    assert_rel_close(H1, H2, 1e-6)
+
+
+BAD_INPUTS = [
+    (lambda: (torch.zeros(1, 4, 4, dtype=torch.float64), torch.randn(3, 4), None), "H must be float32"),
+    (lambda: (torch.zeros(4, 4), torch.randn(3, 4), None), r"H must have shape \(G, d, d\)"),
+    (lambda: (torch.zeros(1, 4, 4), torch.randn(3, 5), None), "X has width 5 but H is 4 x 4"),
+    (lambda: (torch.zeros(1, 4, 4), torch.ones(3, 4, dtype=torch.int32), None), "X must be float32, bfloat16"),
+    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), None), "group_ids is None"),
+    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 3, 1])), r"must lie in \[0, G=3\)"),
+    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, -1, 1])), r"must lie in \[0, G=3\)"),
+    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 1])), r"group_ids must have shape \(T,\)"),
+    (lambda: (torch.zeros(2, 4, 4), torch.randn(3, 4), torch.tensor([0., 1., 1.])), "group_ids must be int64"),
+    (lambda: (torch.zeros(1, 4, 8)[:, :, ::2], torch.randn(3, 4), None), "H must be contiguous"),
+]
+
+
+def on_device(tensors):
+    return [t.to(DEVICE) if t is not None else None for t in tensors]
+
+
+@needs_triton
+@pytest.mark.parametrize("make,match", BAD_INPUTS)
+def test_triton_bad_input(make, match):
+    H, X, ids = on_device(make())
+    with pytest.raises(RuntimeError, match=match):
+        hessian_triton.hessian_accumulate(H, X, ids)
+
+
+@needs_triton
+@needs_cuda
+def test_triton_cuda_large_and_no_fp32_copy():
+    run_and_check(hessian_triton.hessian_accumulate, 5000, 300, 3, 1, torch.bfloat16)
+    H, X, _ = make_case(8192, 256, 1, dtype=torch.bfloat16)
+    hessian_triton.hessian_accumulate(H, X)  # autotunes (and clones H) once for this key
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    hessian_triton.hessian_accumulate(H, X)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < X.numel() * 4 // 4  # no fp32 copy of X
+
+
+# --- CUDA kernel (torch.ops.slimops on cuda tensors) -------------------------------------------
+
+def has_cuda_kernel():
+    return torch._C._dispatch_has_kernel_for_dispatch_key("slimops::hessian_accumulate", "CUDA")
+
+
+needs_cuda_op = pytest.mark.skipif(not torch.cuda.is_available() or not has_cuda_kernel(),
+                                   reason="needs a CUDA GPU and a CUDA kernel for slimops::hessian_accumulate")
+
+
+def cuda_op(H, X, ids, scale):
+    torch.ops.slimops.hessian_accumulate(H, X, ids, scale)
+
+
+@needs_cuda_op
+@pytest.mark.parametrize("T,d,G,empty_group,dtype", CASES + [
+    (4099, 300, 3, 1, torch.float32), (4099, 300, 3, 1, torch.bfloat16), (257, 65, 4, 0, torch.float16)])
+def test_cuda_op_matches_fp64(T, d, G, empty_group, dtype):
+    run_and_check(cuda_op, T, d, G, empty_group, dtype)
+
+
+@needs_cuda_op
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_op_d11008_slice(dtype):
+    # LLaMA-7B FFN width, as a column slice of a wider X (row stride 11013, not 11008).
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    X = torch.randn(333, 11013, generator=gen, device="cuda").to(dtype)[:, 5:]
+    H = torch.zeros(1, 11008, 11008, device="cuda")
+    cuda_op(H, X, None, 1.0)
+    expected = X.double().T @ X.double()
+    assert_rel_close(H[0], expected, LOW_PRECISION_GPU_TOL if dtype != torch.float32 else 1e-5)
+    assert torch.equal(H, H.mT)
+    if hessian_triton is not None:
+        H.zero_()
+        hessian_triton.hessian_accumulate(H, X)
+        assert_rel_close(H[0], expected, LOW_PRECISION_GPU_TOL if dtype != torch.float32 else 1e-5)
+
+
+@needs_cuda_op
+@pytest.mark.parametrize("make,match", BAD_INPUTS)
+def test_cuda_op_bad_input(make, match):
+    H, X, ids = on_device(make())
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.slimops.hessian_accumulate(H, X, ids, 1.0)
+
+
+@needs_cuda_op
+def test_cuda_opcheck():
+    H, X, ids = make_case(100, 37, 3, 1, torch.bfloat16)
+    torch.library.opcheck(torch.ops.slimops.hessian_accumulate, (H, X, ids, 0.5), test_utils=OPCHECK_UTILS)
+    H, X, _ = make_case(64, 40, 1)
+    torch.library.opcheck(torch.ops.slimops.hessian_accumulate, (H, X, None, 1.0), test_utils=OPCHECK_UTILS)
