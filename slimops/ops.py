@@ -237,12 +237,15 @@ def backends() -> dict[str, str]:
 
 
 def _triton_status() -> str:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    # Never import triton here: whether it interprets is fixed at its first import, and a
+    # status query must not freeze that before a caller sets TRITON_INTERPRET=1.
+    import importlib.metadata
+    import importlib.util
+    if importlib.util.find_spec("triton") is None:
         return "not available: triton is not installed"
+    version = importlib.metadata.version("triton")
     if torch.cuda.is_available():
-        return f"available (triton {triton.__version__})"
+        return f"available (triton {version})"
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return f"available under the interpreter (TRITON_INTERPRET=1, triton {triton.__version__})"
+        return f"available under the interpreter (TRITON_INTERPRET=1, triton {version})"
     return "not available: no CUDA device (TRITON_INTERPRET=1 runs it on CPU, slowly)"

@@ -1,0 +1,254 @@
+"""The `obs` family's GPU backends against kernels/obs/reference.py and fp64 brute force.
+
+Triton launchers (kernels/obs/triton.py) run everywhere: on a GPU natively, otherwise under
+TRITON_INTERPRET=1 on tiny shapes (odd widths: s = 1, 3, 37; d not a multiple of the tiles;
+B = 1; s > 128, the torch fallback). The CUDA kernels (csrc/obs/cuda/obs.cu) run only where
+a GPU and a CUDA build of slimops._C exist, on the real shapes (GQA groups of 1/2/4/8 heads of
+64, d = 11008). The CPU C++ kernels are covered by tests/test_ops.py.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
+
+from slimops import ops  # noqa: E402  (registers the ops, with or without the extension)
+from slimops.kernels.obs import reference as obs_ref  # noqa: E402
+
+try:
+    from slimops.kernels.obs import triton as obs_triton
+except ImportError:  # triton not installed
+    obs_triton = None
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(obs_triton is None, reason="triton is not installed")
+
+
+def _cuda_build() -> bool:
+    return torch.cuda.is_available() and ops._EXT_ERROR is None and torch.ops.slimops._build_info() == "cuda"
+
+
+needs_cuda = pytest.mark.skipif(not _cuda_build(), reason="needs a GPU and a CUDA build of slimops._C")
+
+
+def assert_rel_close(actual, expected, tol, what=""):
+    """max |actual - expected| <= tol * max |expected| (fp32 kernels vs fp64 maths)."""
+    actual, expected = actual.double(), expected.double()
+    err = ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+    assert err <= tol, f"{what} relative error {err:.2e} > {tol:.0e}"
+
+
+def spd(d, gen, cond=10.0, device="cpu"):
+    """A well-conditioned SPD matrix in float64 (eigenvalues in [1, cond])."""
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=gen).to(device))
+    return Q @ torch.diag(torch.linspace(1.0, cond, d, dtype=torch.float64, device=device)) @ Q.T
+
+
+def errors_fp64(W, Hinv, groups):
+    """Brute force: tr(W_S inv(Hinv_SS) W_S^T) with an explicit inverse, in float64."""
+    W, Hinv = W.double(), Hinv.double()
+    return torch.stack([torch.trace(W[:, S] @ torch.linalg.inv(Hinv[S][:, S]) @ W[:, S].T) for S in groups])
+
+
+def problem(r, d, gen):
+    """(H fp64, W fp32, Hinv fp32 exactly symmetric) on DEV."""
+    H = spd(d, gen)
+    Hinv = torch.linalg.inv(H).float()
+    Hinv = (Hinv + Hinv.T) / 2  # the solver's Hinv comes from cholesky_inverse: symmetric
+    return H.to(DEV), torch.randn(r, d, generator=gen).to(DEV), Hinv.to(DEV)
+
+
+def kept(d, removed):
+    keep = torch.ones(d, dtype=torch.bool, device=removed.device)
+    keep[removed] = False
+    return keep.nonzero().squeeze(1)
+
+
+# --- Triton: batched Cholesky and scoring ---------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("d,s,B", [(5, 1, 5), (9, 3, 3), (80, 37, 2), (64, 64, 1), (130, 128, 1), (150, 150, 1)])
+def test_triton_block_cholesky_inverse(d, s, B):
+    gen = torch.Generator().manual_seed(d + s)
+    _, _, Hinv = problem(1, d, gen)
+    groups = torch.stack([torch.randperm(d, generator=gen)[:s] for _ in range(B)]).to(DEV)
+    linv, info = obs_triton.block_cholesky_inverse(Hinv, groups)
+    blocks = Hinv.double()[groups.unsqueeze(2), groups.unsqueeze(1)]
+    assert info.dtype == torch.int32 and (info == 0).all()
+    assert_rel_close(linv, torch.linalg.inv(torch.linalg.cholesky(blocks)), 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("r,d,s", [(5, 48, 8), (3, 37, 1), (1, 3, 3), (7, 111, 37), (2, 64, 64), (3, 150, 150)])
+def test_triton_errors_match_brute_force(r, d, s):
+    gen = torch.Generator().manual_seed(r * 100 + d)
+    _, W, Hinv = problem(r, d, gen)
+    groups = torch.randperm(d, generator=gen)[: (d // s) * s].view(-1, s).to(DEV)
+    err = obs_triton.obs_group_errors(W, Hinv, groups)
+    assert err.shape == (groups.shape[0],) and err.dtype == torch.float32
+    assert_rel_close(err, errors_fp64(W, Hinv, groups), 1e-4)
+    L, _ = obs_ref.block_cholesky(Hinv[groups.unsqueeze(-1), groups.unsqueeze(-2)])
+    assert_rel_close(err, obs_ref.group_errors(W[:, groups].permute(1, 0, 2), L), 1e-5)
+
+
+@needs_triton
+def test_triton_errors_strided_inputs_and_edges():
+    gen = torch.Generator().manual_seed(1)
+    _, W, Hinv = problem(70, 40, gen)
+    groups = torch.arange(40, device=DEV).view(4, 10)
+    Wt = W.t().contiguous().t()  # same values, column-major strides
+    err = obs_triton.obs_group_errors(Wt, Hinv.t(), groups)
+    assert_rel_close(err, errors_fp64(W, Hinv, groups), 1e-4)
+    assert obs_triton.obs_group_errors(W, Hinv, groups[:0]).shape == (0,)
+    assert (obs_triton.obs_group_errors(W[:0], Hinv, groups) == 0).all()  # r = 0
+
+
+@needs_triton
+@pytest.mark.parametrize("s", [4, 130])  # in registers; torch fallback above 128
+def test_triton_errors_inf_for_non_pd_block(s):
+    gen = torch.Generator().manual_seed(3)
+    _, W, Hinv = problem(3, 3 * s, gen)
+    Hinv[s:2 * s, s:2 * s] = -torch.eye(s, device=DEV)  # group 1's block is negative definite
+    err = obs_triton.obs_group_errors(W, Hinv, torch.arange(3 * s, device=DEV).view(3, s))
+    assert torch.isinf(err[1]) and err[1] > 0
+    assert torch.isfinite(err[[0, 2]]).all()
+
+
+# --- Triton: the update ---------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("r,d,s", [(6, 40, 8), (4, 37, 5), (3, 9, 1), (5, 150, 37), (2, 70, 64)])
+def test_triton_update_matches_reference_and_schur(r, d, s):
+    gen = torch.Generator().manual_seed(r * 100 + d)
+    H, W, Hinv = problem(r, d, gen)
+    idx = torch.randperm(d, generator=gen)[:s].to(DEV)
+    W64, Hinv64 = W.double(), Hinv.double()
+    obs_ref.group_update(W64, Hinv64, idx)
+    info = obs_triton.obs_group_update(W, Hinv, idx)
+    assert info.shape == () and info.dtype == torch.int32 and int(info) == 0
+    assert_rel_close(W, W64, 1e-4)
+    assert_rel_close(Hinv, Hinv64, 1e-4)
+    assert (W[:, idx] == 0).all() and (Hinv[idx] == 0).all() and (Hinv[:, idx] == 0).all()
+    assert torch.equal(Hinv, Hinv.T)  # exactly: the downdate mirrors its lower triangle
+    R = kept(d, idx)
+    assert_rel_close(Hinv[R][:, R], torch.linalg.inv(H[R][:, R]), 1e-4)  # Schur complement
+
+
+@needs_triton
+def test_triton_chained_updates_stay_symmetric_and_schur():
+    gen = torch.Generator().manual_seed(7)
+    d, s = 100, 7
+    H, W, Hinv = problem(5, d, gen)
+    W64, Hinv64 = W.double(), Hinv.double()
+    order = torch.randperm(d, generator=gen).to(DEV)
+    for step in range(5):
+        idx = order[step * s:(step + 1) * s]
+        assert int(obs_triton.obs_group_update(W, Hinv, idx)) == 0
+        obs_ref.group_update(W64, Hinv64, idx)
+        assert torch.equal(Hinv, Hinv.T)
+        R = kept(d, order[:(step + 1) * s])
+        assert_rel_close(Hinv[R][:, R], torch.linalg.inv(H[R][:, R]), 1e-4)
+    assert_rel_close(W, W64, 1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("s", [3, 130])
+def test_triton_update_non_pd_leaves_inputs_unchanged(s):
+    gen = torch.Generator().manual_seed(4)
+    _, W, Hinv = problem(4, s + 10, gen)
+    Hinv[2:2 + s, 2:2 + s] = 0.0  # singular block: not positive definite
+    W0, Hinv0 = W.clone(), Hinv.clone()
+    info = obs_triton.obs_group_update(W, Hinv, torch.arange(2, 2 + s, device=DEV))
+    assert info.shape == () and int(info) > 0
+    assert torch.equal(W, W0) and torch.equal(Hinv, Hinv0)
+
+
+@needs_triton
+def test_triton_update_edges():
+    gen = torch.Generator().manual_seed(6)
+    H, W, Hinv = problem(3, 20, gen)
+    W0, Hinv0 = W.clone(), Hinv.clone()
+    assert int(obs_triton.obs_group_update(W, Hinv, torch.zeros(0, dtype=torch.long, device=DEV))) == 0
+    assert torch.equal(W, W0) and torch.equal(Hinv, Hinv0)
+    idx = torch.tensor([3, 11], device=DEV)
+    assert int(obs_triton.obs_group_update(W[:0], Hinv, idx)) == 0  # r = 0: Hinv only
+    assert_rel_close(Hinv[kept(20, idx)][:, kept(20, idx)], torch.linalg.inv(H[kept(20, idx)][:, kept(20, idx)]), 1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("fn,args,match", [
+    ("obs_group_errors", lambda: (torch.randn(3, 5), torch.eye(4), torch.zeros(1, 2, dtype=torch.long)), "Hinv"),
+    ("obs_group_errors", lambda: (torch.randn(3, 4).double(), torch.eye(4).double(),
+                                  torch.zeros(1, 2, dtype=torch.long)), "must be float32"),
+    ("obs_group_errors", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 4]])), r"lie in \[0, d=4\)"),
+    ("obs_group_errors", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([0, 1])), r"shape \(B, s\)"),
+    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 1]])), "1-D"),
+    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([0., 1.])), "int64"),
+    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([-1])), r"lie in \[0, d=4\)"),
+])
+def test_triton_bad_input(fn, args, match):
+    with pytest.raises(RuntimeError, match=match):
+        getattr(obs_triton, fn)(*(t.to(DEV) for t in args()))
+
+
+# --- CUDA (csrc/obs/cuda/obs.cu), and Triton, on the real shapes ------------------------------
+
+def _gpu_backends():
+    fns = [("cuda", torch.ops.slimops.obs_group_errors, torch.ops.slimops.obs_group_update)]
+    if obs_triton is not None:
+        fns.append(("triton", obs_triton.obs_group_errors, obs_triton.obs_group_update))
+    return fns
+
+
+@needs_cuda
+@pytest.mark.parametrize("heads_per_group", [1, 2, 4, 8])  # GQA: s = 64 .. 512 (> 128: fallback)
+def test_cuda_errors_gqa_groups(heads_per_group):
+    gen = torch.Generator().manual_seed(heads_per_group)
+    d, r = 32 * 64, 256
+    Hinv = torch.linalg.inv(spd(d, gen, device="cuda")).float()
+    W = torch.randn(r, d, generator=gen).cuda()
+    groups = torch.arange(d, device="cuda").view(-1, heads_per_group * 64)
+    expected = errors_fp64(W, Hinv, groups)
+    for name, errors, _ in _gpu_backends():
+        assert_rel_close(errors(W, Hinv, groups), expected, 1e-4, name)
+
+
+@needs_cuda
+def test_cuda_update_d11008():
+    gen = torch.Generator().manual_seed(11)
+    d, s, r = 11008, 64, 256
+    A = torch.randn(d, d, generator=gen).cuda().double() / d ** 0.5
+    H = A @ A.T + torch.eye(d, device="cuda", dtype=torch.float64)
+    Hinv0 = torch.linalg.inv(H).float()
+    Hinv0 = (Hinv0 + Hinv0.T) / 2
+    W0 = torch.randn(r, d, generator=gen).cuda()
+    idx = torch.randperm(d, generator=gen)[:s].cuda()
+    W64, Hinv64 = W0.double(), Hinv0.double()
+    obs_ref.group_update(W64, Hinv64, idx)
+    for name, _, update in _gpu_backends():
+        W, Hinv = W0.clone(), Hinv0.clone()
+        assert int(update(W, Hinv, idx)) == 0, name
+        assert_rel_close(W, W64, 1e-4, name)
+        assert_rel_close(Hinv, Hinv64, 1e-4, name)
+        assert torch.equal(Hinv, Hinv.T), name
+        assert (W[:, idx] == 0).all() and (Hinv[idx] == 0).all() and (Hinv[:, idx] == 0).all()
+
+
+@needs_cuda
+def test_cuda_non_pd_and_opcheck():
+    gen = torch.Generator().manual_seed(5)
+    Hinv = torch.linalg.inv(spd(10, gen)).float().cuda()
+    W = torch.randn(3, 10, generator=gen).cuda()
+    groups = torch.arange(10, device="cuda").view(5, 2)
+    bad = Hinv.clone()
+    bad[2:5, 2:5] = 0.0
+    W0 = W.clone()
+    assert int(torch.ops.slimops.obs_group_update(W, bad.clone(), torch.tensor([2, 3, 4], device="cuda"))) > 0
+    assert torch.equal(W, W0)
+    assert torch.isinf(torch.ops.slimops.obs_group_errors(W, bad, groups)[1])
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.slimops.obs_group_errors.default, (W, Hinv, groups), test_utils=utils)
+    torch.library.opcheck(torch.ops.slimops.obs_group_update.default,
+                          (W.clone(), Hinv.clone(), torch.tensor([1, 5], device="cuda")), test_utils=utils)

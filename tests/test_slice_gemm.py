@@ -1,0 +1,212 @@
+"""`slice_gemm` family backends against kernels/slice_gemm/reference.py: the C++ CPU op
+(torch.ops.slimops.slice_gemm), the Triton kernel (under TRITON_INTERPRET=1 on CPU, compiled
+on GPU) and the CUDA op.
+
+Cases hit each K path of the kernels: no in_idx (contiguous), heads (in_block 16: one head,
+some heads out of order, all heads; in_block 48: three K tiles per head), channels (in_block
+1, odd counts), in_block 24 (no power-of-two tile of 16 fits: gathered per column); out_idx
+None / an odd unsorted subset; bias None / present; T = 1, 3, 37 (decode and a partial tile).
+"""
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first `import triton`
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from slimops import ops  # noqa: E402,F401  (registers the op: C++ kernel or the reference)
+from slimops.kernels.slice_gemm import reference as ref  # noqa: E402
+
+try:
+    from slimops.kernels.slice_gemm import triton as sg_triton
+    if not torch.cuda.is_available() and not sg_triton.INTERPRET:
+        sg_triton = importlib.reload(sg_triton)  # imported before the variable was set
+    TRITON_ERROR = None
+except ImportError as exc:
+    sg_triton, TRITON_ERROR = None, f"triton not importable: {exc}"
+
+needs_triton = pytest.mark.skipif(sg_triton is None, reason=str(TRITON_ERROR))
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+has_cuda_op = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "slimops::slice_gemm", "CUDA")
+OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+D_IN, D_OUT = 96, 45
+
+# name -> (in_block, kept blocks as a function of the generator); None: all columns.
+IN_MODES = {
+    "all": (1, None),
+    "one_head": (16, lambda g: torch.tensor([4])),
+    "some_heads": (16, lambda g: torch.tensor([5, 0, 3])),
+    "all_heads": (16, lambda g: torch.randperm(D_IN // 16, generator=g)),
+    "head48": (48, lambda g: torch.tensor([1])),
+    "channels": (1, lambda g: torch.randperm(D_IN, generator=g)[:59]),
+    "block24": (24, lambda g: torch.tensor([3, 1])),
+}
+
+
+def make_case(T, in_mode, out_subset, with_bias, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(T, D_IN, generator=g)
+    W = torch.randn(D_OUT, D_IN, generator=g)
+    bias = torch.randn(D_OUT, generator=g) if with_bias else None
+    in_block, pick = IN_MODES[in_mode]
+    in_idx = None if pick is None else pick(g)
+    out_idx = torch.randperm(D_OUT, generator=g)[:29] if out_subset else None
+    cast = (lambda t: None if t is None else t.to(device=device, dtype=dtype))
+    move = (lambda t: None if t is None else t.to(device))
+    return cast(X), cast(W), cast(bias), move(in_idx), move(out_idx), in_block
+
+
+def run(backend, *args):
+    if backend == "triton":
+        return sg_triton.slice_gemm(*args)
+    return torch.ops.slimops.slice_gemm(*args)
+
+
+def assert_rel_close(actual, expected, tol):
+    """max |actual - expected| <= tol * max |expected|."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    actual, expected = actual.double(), expected.double()
+    err = ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+BACKENDS = ["cpu", pytest.param("triton", marks=needs_triton)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T", [1, 3, 37])
+@pytest.mark.parametrize("in_mode", sorted(IN_MODES))
+@pytest.mark.parametrize("out_subset", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_reference_fp32(backend, T, in_mode, out_subset, with_bias):
+    args = make_case(T, in_mode, out_subset, with_bias)
+    assert_rel_close(run(backend, *args), ref.slice_gemm(*args), 1e-5)
+
+
+# bf16: both sides accumulate in fp32 and round once; a different summation order may flip
+# that rounding by one bf16 ulp (2^-8 relative).
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T", [1, 37])
+@pytest.mark.parametrize("in_mode", ["all", "some_heads", "channels", "block24"])
+def test_matches_reference_bf16(backend, T, in_mode):
+    args = make_case(T, in_mode, True, True, dtype=torch.bfloat16)
+    assert_rel_close(run(backend, *args), ref.slice_gemm(*args), 8e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_slices(backend):
+    X, W, bias, _, out_idx, _ = make_case(3, "all", True, True)
+    none_kept = torch.empty(0, dtype=torch.int64)
+    Y = run(backend, X, W, bias, none_kept, out_idx, 16)  # no input kept: Y = bias[J]
+    assert torch.equal(Y, bias[out_idx].expand(3, -1))
+    assert run(backend, X, W, bias, None, none_kept, 1).shape == (3, 0)
+    assert run(backend, X[:0], W, bias, None, out_idx, 1).shape == (0, 29)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_idx", [[0, 1, 2, 3, 4, 9, 10, 11, 12, 13], [13, 12, 11, 10, 9, 4, 3, 2, 1, 0],
+                                    [3, 4, 5, 6, 7, 8]])
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 8e-3)])
+def test_wide_runs(backend, in_idx, T, dtype, tol):
+    """Runs of consecutive kept heads >= 128 columns wide: the CPU kernel's per-run GEMM path,
+    out of order too (the sum does not depend on the order of kept columns)."""
+    g = torch.Generator().manual_seed(1)
+    X, W, bias = torch.randn(T, 512, generator=g), torch.randn(33, 512, generator=g), torch.randn(33, generator=g)
+    args = (X.to(dtype), W.to(dtype), bias.to(dtype), torch.tensor(in_idx), torch.tensor([32, 0, 7, 8]), 32)
+    assert_rel_close(run(backend, *args), ref.slice_gemm(*args), tol)
+
+
+def test_ops_wrapper_dispatches_on_cpu():
+    args = make_case(5, "some_heads", True, True)
+    assert_rel_close(ops.slice_gemm(*args), ref.slice_gemm(*args), 1e-5)
+
+
+def _bad_inputs():
+    X, W = torch.randn(3, 96), torch.randn(45, 96)
+    idx = torch.tensor([0, 2])
+    return [
+        ((X[0], W, None, None, None, 1), "X must have shape"),
+        ((X, W[:, :64], None, None, None, 1), "X has width 96"),
+        ((X, W.double(), None, None, None, 1), "same dtype"),
+        ((X.int(), W.int(), None, None, None, 1), "float32, bfloat16 or float16"),
+        ((X, W, None, None, None, 0), "in_block must be >= 1"),
+        ((X, W, None, idx, None, 40), "not a multiple of in_block=40"),
+        ((X, W, None, torch.tensor([6]), None, 16), r"in_idx must lie in \[0, 6\)"),
+        ((X, W, None, torch.tensor([-1]), None, 16), r"in_idx must lie in \[0, 6\)"),
+        ((X, W, None, idx.int(), None, 16), "in_idx must be int64"),
+        ((X, W, None, idx[None], None, 16), "in_idx must be a 1-D tensor"),
+        ((X, W, None, None, torch.tensor([45]), 1), r"out_idx must lie in \[0, 45\)"),
+        ((X, W, torch.randn(44), None, None, 1), r"bias must have shape \(d_out,\)"),
+        ((X, W, torch.randn(45).double(), None, None, 1), "bias must have X's dtype"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("args,match", _bad_inputs())
+def test_bad_input(backend, args, match):
+    if backend == "cpu" and ops._EXT_ERROR is not None:
+        pytest.skip("pure-Python fallback: its messages are slimops/ops.py's, not the C++ kernel's")
+    with pytest.raises(RuntimeError, match=match):
+        run(backend, *args)
+
+
+@pytest.mark.parametrize("in_mode,out_subset,with_bias", [
+    ("all", False, False), ("some_heads", True, True), ("channels", True, False)])
+def test_opcheck(in_mode, out_subset, with_bias):
+    args = make_case(7, in_mode, out_subset, with_bias)
+    torch.library.opcheck(torch.ops.slimops.slice_gemm.default, args, test_utils=OPCHECK_UTILS)
+
+
+# --- GPU: real shapes (skipped without a GPU) ------------------------------------------
+
+def _llama_case(kind, T, dtype=torch.bfloat16):
+    """75% kept slices of LLaMA-7B-shaped weights on the GPU: down_proj (4096 x 11008) with
+    75% of its input channels, up_proj (11008 x 4096) with 75% of its rows, o_proj (4096 x
+    4096) with 24 of 32 heads of 128."""
+    g = torch.Generator().manual_seed(T)
+    d_out, d_in, in_block = {"down": (4096, 11008, 1), "up": (11008, 4096, 1), "o": (4096, 4096, 128)}[kind]
+    X = (torch.randn(T, d_in, generator=g) / d_in ** 0.5).to("cuda", dtype)
+    W = torch.randn(d_out, d_in, generator=g).to("cuda", dtype)
+    bias = torch.randn(d_out, generator=g).to("cuda", dtype)
+    n_blocks = d_in // in_block
+    in_idx = torch.randperm(n_blocks, generator=g)[:n_blocks * 3 // 4].sort().values.cuda()
+    out_idx = torch.randperm(d_out, generator=g)[:d_out * 3 // 4].cuda() if kind == "up" else None
+    if kind == "up":
+        in_idx = None
+    return X, W, bias, in_idx, out_idx, in_block
+
+
+GPU_BACKENDS = [pytest.param("triton", marks=needs_triton),
+                pytest.param("cuda", marks=pytest.mark.skipif(not has_cuda_op, reason="no CUDA kernel built"))]
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["down", "up", "o"])
+@pytest.mark.parametrize("T", [1, 16, 2048])
+def test_gpu_llama_shapes(backend, kind, T):
+    args = _llama_case(kind, T)
+    assert_rel_close(run(backend, *args), ref.slice_gemm(*args), 8e-3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("in_mode", sorted(IN_MODES))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 4e-3), (torch.bfloat16, 8e-3)])
+def test_gpu_small_cases(backend, in_mode, dtype, tol):
+    for T in (1, 37):
+        args = make_case(T, in_mode, True, True, dtype=dtype, device="cuda")
+        assert_rel_close(run(backend, *args), ref.slice_gemm(*args), tol)
+
+
+@pytest.mark.skipif(not has_cuda_op, reason="needs a GPU and the CUDA kernel")
+def test_gpu_bad_input_checked_on_host():
+    X, W = torch.randn(3, 96, device="cuda"), torch.randn(45, 96, device="cuda")
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.ops.slimops.slice_gemm(X, W.half(), None, None, None, 1)
+    with pytest.raises(RuntimeError, match="must be on X's device"):
+        torch.ops.slimops.slice_gemm(X, W, None, torch.tensor([0]), None, 16)
