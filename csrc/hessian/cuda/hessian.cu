@@ -15,24 +15,7 @@
 // fp32 FMAs, matching the reference's fp32 product. Deliberately simple (one shared buffer,
 // no cp.async pipelining); the next step on Hopper is an sm_90a version with wgmma fed by
 // TMA (cp.async.bulk.tensor) through a 2-3 stage mbarrier pipeline and 128x128 tiles.
-// torch's BFloat16.h calls constexpr host functions from host-device ones; torch's own
-// build passes --expt-relaxed-constexpr, the plain CI syntax check does not: silence only
-// those two warnings, only for torch's headers.
-#pragma nv_diag_suppress 20013, 20015
-#include <ATen/ATen.h>
-// c10's stream header, not <ATen/cuda/CUDAContext.h>: that one pulls in cusparse.h and
-// cublas_v2.h, which a bare CUDA toolkit (the CI syntax check) does not have.
-// c10::cuda::getCurrentCUDAStream is the function at::cuda::getCurrentCUDAStream names.
-// A CPU-only torch ships c10/cuda without its generated macros header (on Linux it only
-// sets a Windows export flag): skip it there so the nvcc syntax check still compiles.
-#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
-#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
-#endif
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-#pragma nv_diag_default 20013, 20015
+#include "../../common/torch_cuda.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -8,21 +8,7 @@
 // (one thread block each, the block in shared memory), and the symmetric downdate fused with
 // the zeroing of the removed rows/cols (lower tiles only, mirrored: exact symmetry, half the
 // flops, Hinv touched once). The r x s and s x d products go to cuBLAS.
-// nvcc warns (20013/20015) about constexpr host calls in torch's BFloat16 header; silence
-// those two, only for torch's headers.
-#pragma nv_diag_suppress 20013, 20015
-#include <ATen/ATen.h>
-// c10's CUDA headers, not <ATen/cuda/CUDAContext.h>: that one pulls in cusparse.h, which the
-// bare toolkit of the CI syntax check lacks. A CPU-only torch ships c10/cuda without its
-// generated macros header (on Linux it only sets a Windows export flag): skip it there so
-// the same code still compiles (as csrc/hessian/cuda/hessian.cu does).
-#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
-#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
-#endif
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-#pragma nv_diag_default 20013, 20015
+#include "../../common/torch_cuda.cuh"
 
 #include <cuda_runtime.h>
 

@@ -15,18 +15,7 @@
 // kernel is the tuned path, and ops.py dispatches whichever GPU path measures faster.
 // Index values are checked on the device (CUDA_KERNEL_ASSERT, as torch's index_select does):
 // a host check is a device sync per call, several times a decode-sized GEMM.
-#pragma nv_diag_suppress 20013, 20015  // torch's BFloat16.h without --expt-relaxed-constexpr
-#include <ATen/ATen.h>
-// c10 headers, not <ATen/cuda/CUDAContext.h> (which needs cuBLAS/cuSPARSE headers that a
-// bare toolkit lacks); a CPU-only torch also lacks the cmake macros header c10/cuda wants.
-#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
-#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
-#endif
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-#pragma nv_diag_default 20013, 20015
+#include "../../common/torch_cuda.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
