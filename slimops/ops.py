@@ -14,6 +14,7 @@ import torch
 
 from slimops.kernels.hessian import reference as hessian_ref
 from slimops.kernels.obs import reference as obs_ref
+from slimops.kernels.slice_gemm import checks as slice_checks
 from slimops.kernels.slice_gemm import reference as slice_ref
 
 # Keep identical to the TORCH_LIBRARY block in csrc/ops.cpp.
@@ -96,18 +97,7 @@ def _obs_group_update_py(W, Hinv, idx):
 
 
 def _slice_gemm_py(X, W, bias, in_idx, out_idx, in_block):
-    op = "slice_gemm"
-    _check(X.dim() == 2 and W.dim() == 2 and X.shape[1] == W.shape[1],
-           f"{op}: X must be (T, d_in) and W (d_out, d_in), got {tuple(X.shape)} and {tuple(W.shape)}")
-    _check(X.dtype == W.dtype, f"{op}: X and W must share a dtype, got {X.dtype} and {W.dtype}")
-    _check(in_block >= 1, f"{op}: in_block must be >= 1, got {in_block}")
-    if in_idx is not None:
-        _check(W.shape[1] % in_block == 0, f"{op}: d_in={W.shape[1]} is not a multiple of in_block={in_block}")
-        _check_indices(op, in_idx, W.shape[1] // in_block)
-    if out_idx is not None:
-        _check_indices(op, out_idx, W.shape[0])
-    if bias is not None:
-        _check(bias.shape == (W.shape[0],), f"{op}: bias must be ({W.shape[0]},), got {tuple(bias.shape)}")
+    slice_checks.check_inputs(X, W, bias, in_idx, out_idx, in_block)
     return slice_ref.slice_gemm(X, W, bias, in_idx, out_idx, in_block)
 
 
