@@ -10,34 +10,12 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "checks.h"
+
 #include <limits>
 
 namespace slimops {
 namespace {
-
-void check_w_hinv(const char* op, const at::Tensor& W, const at::Tensor& Hinv) {
-  TORCH_CHECK(W.dim() == 2, op, ": W must have shape (r, d), got ", W.sizes());
-  TORCH_CHECK(Hinv.dim() == 2 && Hinv.size(0) == Hinv.size(1), op, ": Hinv must be square (d, d), got ",
-              Hinv.sizes());
-  TORCH_CHECK(W.size(1) == Hinv.size(0), op, ": W has ", W.size(1), " columns but Hinv is ", Hinv.size(0), " x ",
-              Hinv.size(1), "; W's columns are Hinv's rows");
-  TORCH_CHECK(W.scalar_type() == at::kFloat && Hinv.scalar_type() == at::kFloat, op,
-              ": W and Hinv must be float32, got ", W.scalar_type(), " and ", Hinv.scalar_type());
-  TORCH_CHECK(W.device() == Hinv.device(), op, ": W and Hinv must be on the same device");
-}
-
-// Column indices must be int64 and in [0, d): a bad index would otherwise read or write
-// outside W / Hinv's columns (index_select checks too, but with a message about `index`).
-void check_indices(const char* op, const char* name, const at::Tensor& idx, int64_t d, const at::Tensor& like) {
-  TORCH_CHECK(idx.scalar_type() == at::kLong, op, ": ", name, " must be int64 column indices, got ",
-              idx.scalar_type());
-  TORCH_CHECK(idx.device() == like.device(), op, ": ", name, " must be on W's device");
-  if (idx.numel() == 0) return;
-  const auto [lo, hi] = at::aminmax(idx);
-  const int64_t min_i = lo.item<int64_t>(), max_i = hi.item<int64_t>();
-  TORCH_CHECK(min_i >= 0 && max_i < d, op, ": ", name, " must lie in [0, d=", d, "), got values in [", min_i, ", ",
-              max_i, "]");
-}
 
 // L^-1 for (batches of) lower-triangular factors. One small s x s triangular solve, after
 // which every product with L^-1 is a GEMM: measured here (d=4096, r=4096, 32 groups of 128)

@@ -9,6 +9,7 @@
 // the zeroing of the removed rows/cols (lower tiles only, mirrored: exact symmetry, half the
 // flops, Hinv touched once). The r x s and s x d products go to cuBLAS.
 #include "../../common/torch_cuda.cuh"
+#include "../checks.h"
 
 #include <cuda_runtime.h>
 
@@ -140,27 +141,10 @@ __global__ void __launch_bounds__(kThreads) obs_downdate_kernel(float* __restric
   }
 }
 
-void check_w_hinv(const char* op, const at::Tensor& W, const at::Tensor& Hinv) {
-  TORCH_CHECK(W.dim() == 2, op, ": W must have shape (r, d), got ", W.sizes());
-  TORCH_CHECK(Hinv.dim() == 2 && Hinv.size(0) == Hinv.size(1), op, ": Hinv must be square (d, d), got ",
-              Hinv.sizes());
-  TORCH_CHECK(W.size(1) == Hinv.size(0), op, ": W has ", W.size(1), " columns but Hinv is ", Hinv.size(0), " x ",
-              Hinv.size(1), "; W's columns are Hinv's rows");
-  TORCH_CHECK(W.scalar_type() == at::kFloat && Hinv.scalar_type() == at::kFloat, op,
-              ": W and Hinv must be float32, got ", W.scalar_type(), " and ", Hinv.scalar_type());
+// The CPU kernels' checks (csrc/obs/checks.h), after the one this kernel adds: CUDA tensors.
+void check_cuda_w_hinv(const char* op, const at::Tensor& W, const at::Tensor& Hinv) {
   TORCH_CHECK(W.is_cuda() && W.device() == Hinv.device(), op, ": W and Hinv must be on the same CUDA device");
-}
-
-// The kernels index Hinv with these values: out-of-range ones would read outside it.
-void check_indices(const char* op, const char* name, const at::Tensor& idx, int64_t d, const at::Tensor& like) {
-  TORCH_CHECK(idx.scalar_type() == at::kLong, op, ": ", name, " must be int64 column indices, got ",
-              idx.scalar_type());
-  TORCH_CHECK(idx.device() == like.device(), op, ": ", name, " must be on W's device");
-  if (idx.numel() == 0) return;
-  const auto [lo, hi] = at::aminmax(idx);
-  const int64_t min_i = lo.item<int64_t>(), max_i = hi.item<int64_t>();
-  TORCH_CHECK(min_i >= 0 && max_i < d, op, ": ", name, " must lie in [0, d=", d, "), got values in [", min_i, ", ",
-              max_i, "]");
+  check_w_hinv(op, W, Hinv);
 }
 
 // (L_b^-1 (B, s, s) contiguous, info (B,) int32) for L_b L_b^T = Hinv[S_b, S_b].
@@ -193,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> block_cholesky_inverse(const at::Tensor& Hinv
 
 at::Tensor obs_group_errors_cuda(const at::Tensor& W, const at::Tensor& Hinv, const at::Tensor& groups) {
   constexpr const char* op = "obs_group_errors";
-  check_w_hinv(op, W, Hinv);
+  check_cuda_w_hinv(op, W, Hinv);
   TORCH_CHECK(groups.dim() == 2, op, ": groups must have shape (B, s) (one row of column indices per group), got ",
               groups.sizes());
   check_indices(op, "groups", groups, Hinv.size(0), W);
@@ -227,7 +211,7 @@ void downdate(const at::Tensor& Hinv, const at::Tensor& V, const at::Tensor& idx
 
 at::Tensor obs_group_update_cuda(const at::Tensor& W, const at::Tensor& Hinv, const at::Tensor& idx) {
   constexpr const char* op = "obs_group_update";
-  check_w_hinv(op, W, Hinv);
+  check_cuda_w_hinv(op, W, Hinv);
   TORCH_CHECK(idx.dim() == 1, op, ": idx must be a 1-D tensor of column indices, got shape ", idx.sizes());
   check_indices(op, "idx", idx, Hinv.size(0), W);
   const c10::cuda::CUDAGuard guard(W.device());
