@@ -1,11 +1,23 @@
 """Shared fixtures: tiny randomly initialised models of every supported family and a tiny
 byte-level BPE tokenizer, all built offline."""
+import importlib
 import os
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():   # before any test imports triton: it reads this once
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def triton_kernels(family: str):
+    """(kernels/<family>/triton.py or None, a skip marker for tests that need it)."""
+    try:
+        module, reason = importlib.import_module(f"slimops.kernels.{family}.triton"), ""
+    except ImportError as exc:
+        module, reason = None, f"triton not importable: {exc}"
+    return module, pytest.mark.skipif(module is None, reason=reason)
 
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),

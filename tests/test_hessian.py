@@ -4,27 +4,16 @@ on CPU, compiled on GPU) and the CUDA kernel behind torch.ops.slimops.hessian_ac
 Shapes hit the kernels' edges: d=1, d=37 (not a multiple of any tile), T=1, T not a multiple
 of the row block, groups with no rows, a d=11008 column slice of a wider X (GPU only).
 """
-import importlib
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the first `import triton`
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from conftest import triton_kernels
+from slimops import ops  # noqa: F401  (registers the ops: C++ kernels or the reference)
 
-from slimops import ops  # noqa: E402  (registers the ops: C++ kernels or the reference)
-
-try:
-    from slimops.kernels.hessian import triton as hessian_triton
-    if not torch.cuda.is_available() and not hessian_triton.INTERPRET:
-        hessian_triton = importlib.reload(hessian_triton)  # imported before the variable was set
-    TRITON_ERROR = None
-except ImportError as exc:
-    hessian_triton, TRITON_ERROR = None, f"triton not importable: {exc}"
+hessian_triton, needs_triton = triton_kernels("hessian")   # interpreted on CPU (conftest)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(hessian_triton is None, reason=str(TRITON_ERROR))
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 

@@ -6,24 +6,17 @@ B = 1; s > 128, the torch fallback). The CUDA kernels (csrc/obs/cuda/obs.cu) run
 a GPU and a CUDA build of slimops._C exist, on the real shapes (GQA groups of 1/2/4/8 heads of
 64, d = 11008). The CPU C++ kernels are covered by tests/test_ops.py.
 """
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
+from conftest import triton_kernels
+from slimops import ops  # registers the ops, with or without the extension
+from slimops.kernels.obs import reference as obs_ref
 
-from slimops import ops  # noqa: E402  (registers the ops, with or without the extension)
-from slimops.kernels.obs import reference as obs_ref  # noqa: E402
-
-try:
-    from slimops.kernels.obs import triton as obs_triton
-except ImportError:  # triton not installed
-    obs_triton = None
+obs_triton, needs_triton = triton_kernels("obs")   # interpreted on CPU (conftest)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(obs_triton is None, reason="triton is not installed")
 
 
 def _cuda_build() -> bool:

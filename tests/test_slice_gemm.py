@@ -7,27 +7,16 @@ some heads out of order, all heads; in_block 48: three K tiles per head), channe
 1, odd counts), in_block 24 (no power-of-two tile of 16 fits: gathered per column); out_idx
 None / an odd unsorted subset; bias None / present; T = 1, 3, 37 (decode and a partial tile).
 """
-import importlib
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the first `import triton`
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from conftest import triton_kernels
+from slimops import ops  # noqa: F401  (registers the op: C++ kernel or the reference)
+from slimops.kernels.slice_gemm import reference as ref
 
-from slimops import ops  # noqa: E402,F401  (registers the op: C++ kernel or the reference)
-from slimops.kernels.slice_gemm import reference as ref  # noqa: E402
+sg_triton, needs_triton = triton_kernels("slice_gemm")   # interpreted on CPU (conftest)
 
-try:
-    from slimops.kernels.slice_gemm import triton as sg_triton
-    if not torch.cuda.is_available() and not sg_triton.INTERPRET:
-        sg_triton = importlib.reload(sg_triton)  # imported before the variable was set
-    TRITON_ERROR = None
-except ImportError as exc:
-    sg_triton, TRITON_ERROR = None, f"triton not importable: {exc}"
-
-needs_triton = pytest.mark.skipif(sg_triton is None, reason=str(TRITON_ERROR))
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 has_cuda_op = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "slimops::slice_gemm", "CUDA")
