@@ -7,6 +7,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from .pipeline import METHODS
+
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, FloatingPointError,
                ImportError)
 
@@ -14,7 +16,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, Floating
 def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="prune a HF causal LM and save the smaller checkpoint")
     p.add_argument("model", help="local HF model folder or hub id")
-    p.add_argument("--method", default="slimgpt", choices=["slimgpt"])
+    p.add_argument("--method", default="slimgpt", choices=METHODS)
     p.add_argument("--ratio", type=float, default=0.2,
                    help="share of decoder-layer parameters to remove, in (0, 1)")
     p.add_argument("--schedule", default="log",
@@ -30,6 +32,9 @@ def _add_prune(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
     p.add_argument("--percdamp", type=float, default=0.01)
+    p.add_argument("--align", type=int, default=None,
+                   help="keep every layer's FFN width a multiple of N and whole KV groups "
+                        "(default: chosen per device, see README)")
     p.add_argument("--json", help="also write the prune report as JSON here")
 
 
@@ -74,7 +79,7 @@ def cmd_prune(args) -> None:
     model, _ = pipeline.load_model(args.model, args.dtype)
     plan, report = pipeline.prune_model(model, tokens, args.method, args.ratio, schedule,
                                         args.device, batch_size=args.batch_size,
-                                        percdamp=args.percdamp)
+                                        percdamp=args.percdamp, align=args.align)
     info = _report_dict(report) | {"model": args.model, "calib": args.calib,
                                    "nsamples": args.nsamples, "seqlen": args.seqlen}
     save_pruned(model.to("cpu"), out, tokenizer=tokenizer, plan=plan, extra_info=info,

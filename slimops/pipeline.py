@@ -43,7 +43,8 @@ def resolve_model_path(name: str) -> str:
 def load_model(name: str, dtype: str = "fp32"):
     """(model, tokenizer) on the CPU; slimops checkpoints (per-layer shapes) load without
     remote code. The family is checked before any weights are read."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
     from .checkpoint import load as load_checkpoint
     from .models import adapter_class
     path = resolve_model_path(name)
@@ -51,8 +52,9 @@ def load_model(name: str, dtype: str = "fp32"):
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if _is_slimops_checkpoint(path):
         return load_checkpoint(path, device="cpu", dtype=DTYPES[dtype])
-    adapter_class(getattr(AutoConfig.from_pretrained(path), "model_type", None))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    adapter = adapter_class(getattr(AutoConfig.from_pretrained(path), "model_type", None))
+    auto_cls = getattr(transformers, adapter.auto_model_class)   # AutoModel for encoders
+    model = auto_cls.from_pretrained(path, dtype=DTYPES[dtype]).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -112,8 +114,7 @@ def prune_model(model, tokens: torch.Tensor, method: str = "slimgpt", ratio: flo
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     adapter = get_adapter(model)
     before = (adapter.decoder_params(), adapter.total_params())
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    _reset_peak_memory(device)
     start = time.perf_counter()
     from .methods import slimgpt
     cfg = slimgpt.SlimGPTConfig(ratio=ratio, schedule=schedule, device=device, **options)
@@ -126,7 +127,29 @@ def prune_model(model, tokens: torch.Tensor, method: str = "slimgpt", ratio: flo
     return plan, report
 
 
+_CLEAR_REFS, _STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
+
+
+def _reset_peak_memory(device) -> None:
+    """Start a new peak-memory window, so several prunes in one process each report their
+    own peak: CUDA's allocator stats, or on Linux the process's peak RSS (VmHWM), which
+    writing "5" to /proc/self/clear_refs resets."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        pass                  # not Linux, or not permitted: the peak is then the process's
+
+
 def _peak_memory_mb(device) -> float:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024            # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux

@@ -35,10 +35,12 @@ class _Catcher(nn.Module):
         super().__init__()
         self.layer, self.sink, self.kwargs_sink = layer, sink, kwargs_sink
 
-    def forward(self, hidden_states, **kwargs):
+    def forward(self, hidden_states, *args, **kwargs):
+        # Decoders pass everything but the hidden states by keyword; BERT's encoder passes
+        # (attention_mask, encoder_hidden_states) positionally: kept under "_args".
         self.sink.append(hidden_states)
         if not self.kwargs_sink:
-            self.kwargs_sink.update(kwargs)
+            self.kwargs_sink.update(kwargs, _args=args)
         raise _StopForward
 
 
@@ -107,7 +109,8 @@ class LayerWork:
         self.accumulate = accumulate
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.layer(hidden, **self.kwargs)
+        kwargs = dict(self.kwargs)
+        out = self.layer(hidden, *kwargs.pop("_args", ()), **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()

@@ -40,18 +40,14 @@ def slice_layer(adapter, layer, lp: LayerPlan) -> None:
     nh, nkv, ffn = adapter.layer_shape(layer)
     lp.validate(nh, nkv, ffn)
     hd = adapter.head_dim
-    attn, mlp = adapter.attn(layer), adapter.mlp(layer)
     q_rows, kv_rows = head_rows(lp.kept_heads, hd), head_rows(lp.kept_kv_heads, hd)
     channels = torch.as_tensor(lp.kept_channels, dtype=torch.long)
-    q, k, v = adapter.qkv(layer)
-    setattr(attn, adapter.q_name, slice_linear(q, rows=q_rows))
-    setattr(attn, adapter.k_name, slice_linear(k, rows=kv_rows))
-    setattr(attn, adapter.v_name, slice_linear(v, rows=kv_rows))
-    setattr(attn, adapter.o_name, slice_linear(adapter.o_proj(layer), cols=q_rows))
-    gate, up = adapter.gate_up(layer)
-    setattr(mlp, adapter.gate_name, slice_linear(gate, rows=channels))
-    setattr(mlp, adapter.up_name, slice_linear(up, rows=channels))
-    setattr(mlp, adapter.down_name, slice_linear(adapter.down_proj(layer), cols=channels))
+    for role, rows, cols in (("q", q_rows, None), ("k", kv_rows, None), ("v", kv_rows, None),
+                             ("o", None, q_rows), ("gate", channels, None),
+                             ("up", channels, None), ("down", None, channels)):
+        linear = adapter.linear(layer, role)
+        if linear is not None:
+            adapter.set_linear(layer, role, slice_linear(linear, rows=rows, cols=cols))
     adapter.set_layer_geometry(layer, len(lp.kept_heads), len(lp.kept_kv_heads))
 
 

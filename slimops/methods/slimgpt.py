@@ -34,6 +34,7 @@ class SlimGPTConfig:
     batch_size: int = 8                     # calibration sequences per forward
     device: str = "cpu"
     reference: bool = False                 # the slow paper-faithful solver (tests, benchmarks)
+    align: int | None = None                # FFN widths multiple of N, whole KV groups only
 
 
 @dataclass
@@ -140,6 +141,8 @@ def prune_layer(work: LayerWork, cfg: SlimGPTConfig, budget: _Budget) -> LayerPl
 def prune(model, tokens: torch.Tensor, cfg: SlimGPTConfig, adapter=None) -> PruningPlan:
     """Prune `model` in place (masked + compensated; slice with slicing.apply_plan)."""
     from ..models import get_adapter
+    if cfg.align not in (None, 1):
+        raise NotImplementedError("--align is not implemented yet")
     adapter = adapter or get_adapter(model)
     ratios = layer_ratios(cfg.schedule, cfg.ratio, len(adapter.layers()))
     budget = _Budget(ratios)

@@ -11,9 +11,16 @@ from torch import nn
 
 class DecoderAdapter:
     model_types: tuple[str, ...] = ()
-    attn_name, mlp_name = "self_attn", "mlp"
-    q_name, k_name, v_name, o_name = "q_proj", "k_proj", "v_proj", "o_proj"
-    gate_name, up_name, down_name = "gate_proj", "up_proj", "down_proj"
+    # Where each projection lives, as a dotted path inside one layer. gate is None for a
+    # plain (non-gated) FFN such as BERT's.
+    paths = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+             "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+             "down": "mlp.down_proj"}
+    attention_path = "self_attn"        # the module whose head-count attributes HF reads
+    layers_path = "model.layers"
+    backbone_path = "model"
+    auto_model_class = "AutoModelForCausalLM"
+    causal_lm = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -31,31 +38,36 @@ class DecoderAdapter:
         return self.config.model_type
 
     def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
+        return self.model.get_submodule(self.layers_path)
 
     def backbone(self) -> nn.Module:
         """The module whose forward runs embeddings, rotary, masks and then the layers."""
-        return self.model.model
+        return self.model.get_submodule(self.backbone_path)
 
-    def attn(self, layer) -> nn.Module:
-        return getattr(layer, self.attn_name)
+    def linear(self, layer, role: str) -> nn.Linear | None:
+        """The projection `role` (q, k, v, o, gate, up, down) of `layer`; None if absent."""
+        path = self.paths[role]
+        return None if path is None else layer.get_submodule(path)
 
-    def mlp(self, layer) -> nn.Module:
-        return getattr(layer, self.mlp_name)
+    def set_linear(self, layer, role: str, module: nn.Linear) -> None:
+        parent, _, name = self.paths[role].rpartition(".")
+        setattr(layer.get_submodule(parent) if parent else layer, name, module)
+
+    def attention(self, layer) -> nn.Module:
+        return layer.get_submodule(self.attention_path)
 
     def qkv(self, layer) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-        a = self.attn(layer)
-        return getattr(a, self.q_name), getattr(a, self.k_name), getattr(a, self.v_name)
+        return tuple(self.linear(layer, r) for r in ("q", "k", "v"))
 
     def o_proj(self, layer) -> nn.Linear:
-        return getattr(self.attn(layer), self.o_name)
+        return self.linear(layer, "o")
 
-    def gate_up(self, layer) -> tuple[nn.Linear, nn.Linear]:
-        m = self.mlp(layer)
-        return getattr(m, self.gate_name), getattr(m, self.up_name)
+    def ffn_inputs(self, layer) -> list[nn.Linear]:
+        """The FFN projections whose output rows are the channels: [gate, up] or [up]."""
+        return [m for m in (self.linear(layer, "gate"), self.linear(layer, "up")) if m is not None]
 
     def down_proj(self, layer) -> nn.Linear:
-        return getattr(self.mlp(layer), self.down_name)
+        return self.linear(layer, "down")
 
     # ---- geometry ---------------------------------------------------------------------
     def layer_shape(self, layer) -> tuple[int, int, int]:
@@ -66,7 +78,7 @@ class DecoderAdapter:
 
     def set_layer_geometry(self, layer, num_heads: int, num_kv_heads: int) -> None:
         """Tell the attention module its new head counts (HF reads num_key_value_groups)."""
-        a = self.attn(layer)
+        a = self.attention(layer)
         a.num_key_value_groups = num_heads // num_kv_heads
         for attr, val in (("num_heads", num_heads), ("num_key_value_heads", num_kv_heads)):
             if hasattr(a, attr):
@@ -81,11 +93,11 @@ class DecoderAdapter:
         nh, nkv, ffn = self.layer_shape(layer)
         q, k, v = self.qkv(layer)
         o = self.o_proj(layer)
-        gate, up = self.gate_up(layer)
         down = self.down_proj(layer)
         return {"head": self._numel(q) // nh + o.weight.shape[0] * self.head_dim,
                 "kv_head": (self._numel(k) + self._numel(v)) // nkv,
-                "channel": (self._numel(gate) + self._numel(up)) // ffn + down.weight.shape[0]}
+                "channel": sum(self._numel(m) for m in self.ffn_inputs(layer)) // ffn
+                + down.weight.shape[0]}
 
     def layer_params(self, layer) -> int:
         return sum(p.numel() for p in layer.parameters())
