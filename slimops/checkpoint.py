@@ -1,10 +1,11 @@
 """Save and load pruned checkpoints whose layers differ in head count and FFN width.
 
 A checkpoint is a normal HF folder. When every layer has one shape that the family's stock
-config accepts, it is a plain stock checkpoint. Otherwise config.json keeps the dense
-global values plus `slimops_layers` (per-layer shapes) and an `auto_map` to
-`modeling_slimops.py`, a verbatim copy of slimops/models/remote_modeling.py, so
-`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works without slimops.
+config accepts (and no bias the stock family lacks), it is a plain stock checkpoint.
+Otherwise config.json keeps the dense global values plus `slimops_layers` (per-layer
+shapes and extra biases) and an `auto_map` to `modeling_slimops.py`, a verbatim copy of
+slimops/models/remote_modeling.py, so `AutoModelForCausalLM.from_pretrained(path,
+trust_remote_code=True)` (`AutoModel` for BERT-style encoders) works without slimops.
 Writes are atomic: everything goes to a temp dir beside the target, then one rename.
 """
 from __future__ import annotations
@@ -16,13 +17,15 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from .models import get_adapter
+import torch
+
+from .models import adapter_class, get_adapter
 
 REMOTE_FILE = "modeling_slimops.py"
 REMOTE_MODULE = REMOTE_FILE.removesuffix(".py")
 PLAN_FILE, INFO_FILE = "slimops_plan.json", "slimops_info.json"
 # Keys this module owns in config.json; recomputed from the model on every save.
-_OWN_KEYS = ("slimops_layers", "slimops_base_model_type", "auto_map")
+_OWN_KEYS = ("slimops_layers", "slimops_base_model_type", "slimops_base_class", "auto_map")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")  # = remote's
 # Letters, digits, whitespace runs, newlines, non-ASCII: where pre-tokenizers differ.
@@ -35,45 +38,109 @@ def _remote_modeling():
     return remote_modeling
 
 
-def family_classes(model_type: str) -> tuple[type, type]:
-    """The stock (config class, causal-LM class) of a family, e.g. (LlamaConfig, LlamaForCausalLM)."""
-    from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
-    config_cls = CONFIG_MAPPING[model_type]
-    return config_cls, MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]
+# The auto class each family's default model class comes from, by mapping name.
+_AUTO_MAPPINGS = {"AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING",
+                  "AutoModel": "MODEL_MAPPING"}
+
+
+def family_classes(model_type: str, class_name: str | None = None) -> tuple[type, type]:
+    """The stock (config class, model class) of a family: `class_name` when given (e.g.
+    "BertForMaskedLM"), else the family's default (LlamaForCausalLM, BertModel)."""
+    import transformers
+    config_cls = transformers.CONFIG_MAPPING[model_type]
+    if class_name:
+        return config_cls, getattr(transformers, class_name)
+    auto = adapter_class(model_type).auto_model_class
+    return config_cls, getattr(transformers, _AUTO_MAPPINGS[auto])[config_cls]
+
+
+def stock_class(model) -> type:
+    """The transformers class a (possibly remote-code or slimops-made) model derives from."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers.models."):
+            return cls
+    raise ValueError(f"{type(model).__name__} derives from no transformers model class")
+
+
+def auto_class_name(config_cls: type, model_cls: type) -> str:
+    """The Auto class that loads `model_cls`: BertModel -> AutoModel, LlamaForCausalLM ->
+    AutoModelForCausalLM, BertForMaskedLM -> AutoModelForMaskedLM."""
+    import transformers
+    suffix = model_cls.__name__.removeprefix(config_cls.__name__.removesuffix("Config"))
+    name = f"AutoModel{suffix}" if suffix.startswith("For") else "AutoModel"
+    return name if hasattr(transformers, name) else "AutoModel"
+
+
+@torch.no_grad()
+def _stock_biases(adapter) -> dict[str, bool]:
+    """Which projections carry a bias in a freshly built stock layer of this config
+    (built on the meta device: no memory, no init cost)."""
+    layer = adapter.layers()[0]
+    with torch.device("meta"):
+        try:
+            stock = type(layer)(adapter.config, layer_idx=0)
+        except TypeError:
+            stock = type(layer)(adapter.config)
+    return {role: adapter.linear(stock, role).bias is not None
+            for role, path in adapter.paths.items() if path is not None}
 
 
 def model_layer_shapes(model) -> list[dict]:
-    """Per-layer shapes read from the modules themselves (the plan may be stale)."""
+    """Per-layer shapes read from the modules themselves (the plan may be stale), plus
+    "<role>_proj_bias" where a projection's bias differs from the stock family's (FLAP
+    folds removed channels into an o_proj / down_proj bias LLaMA does not have)."""
     adapter = get_adapter(model)
-    return [dict(zip(_SHAPE_KEYS, adapter.layer_shape(layer)))
-            for layer in adapter.layers()]
+    stock = _stock_biases(adapter)
+    shapes = []
+    for layer in adapter.layers():
+        shape = dict(zip(_SHAPE_KEYS, adapter.layer_shape(layer)))
+        for role, stock_has in stock.items():
+            has = adapter.linear(layer, role).bias is not None
+            if has != stock_has:
+                shape[_remote_modeling().bias_key(role)] = has
+        shapes.append(shape)
+    return shapes
 
 
-def _stock_config(config_dict: dict, shapes: list[dict], head_dim: int) -> dict | None:
+def _stock_config(config_dict: dict, shapes: list[dict], head_dim: int,
+                  model_cls: type) -> dict | None:
     """config.json for a plain stock checkpoint, or None when the stock config can't say it."""
-    if any(s != shapes[0] for s in shapes):
-        return None
-    candidate = {**config_dict, **shapes[0], "head_dim": head_dim}
-    config_cls, model_cls = family_classes(config_dict["model_type"])
+    if any(s != shapes[0] for s in shapes) or set(shapes[0]) != set(_SHAPE_KEYS):
+        return None                  # per-layer shapes, or biases the stock family lacks
+    remote = _remote_modeling()
+    spec = remote.family_spec(config_dict["model_type"])
+    # Only keys the family's config has (BertConfig: no num_key_value_heads, no head_dim).
+    candidate = {**config_dict, **{k: shapes[0][k] for k in spec["config_keys"]}}
+    if spec["explicit_head_dim"]:
+        candidate["head_dim"] = head_dim
+    config_cls = family_classes(config_dict["model_type"])[0]
     try:    # the family's own validators decide (LlamaConfig: hidden % heads == 0)
-        config_cls.from_dict(candidate)
+        config = config_cls.from_dict(candidate)
     except Exception:  # noqa: BLE001  (strict-dataclass validators raise several types)
+        return None
+    # BERT derives attention_head_size = hidden // heads: a head-pruned BERT only fits
+    # when that still equals the real head width (and divides evenly).
+    if not spec["explicit_head_dim"] and (config.hidden_size % shapes[0]["num_attention_heads"]
+                                          or remote.head_dim_of(config) != head_dim):
         return None
     return {**candidate, "architectures": [model_cls.__name__]}
 
 
-def _remote_config(config_dict: dict, shapes: list[dict], head_dim: int) -> dict:
+def _remote_config(config_dict: dict, shapes: list[dict], head_dim: int,
+                   config_cls: type, model_cls: type) -> dict:
+    name = _remote_modeling().class_name(config_cls, model_cls)
     return {**config_dict, "head_dim": head_dim, "slimops_layers": shapes,
             "slimops_base_model_type": config_dict["model_type"],
-            "architectures": ["SlimopsForCausalLM"],
+            "slimops_base_class": model_cls.__name__,
+            "architectures": [name],
             "auto_map": {"AutoConfig": f"{REMOTE_MODULE}.SlimopsConfig",
-                         "AutoModelForCausalLM": f"{REMOTE_MODULE}.SlimopsForCausalLM"}}
+                         auto_class_name(config_cls, model_cls): f"{REMOTE_MODULE}.{name}"}}
 
 
-def _remote_source(model_type: str) -> str:
+def _remote_source(config_cls: type, model_cls: type) -> str:
     remote_modeling = _remote_modeling()
     source = Path(remote_modeling.__file__).read_text()
-    return source + remote_modeling.family_lines(*family_classes(model_type))
+    return source + remote_modeling.family_lines(config_cls, model_cls)
 
 
 def _tokenizer_fingerprint(tokenizer) -> tuple:
@@ -117,19 +184,20 @@ def _save_tokenizer(folder: Path, tokenizer) -> bool:
 def _write_checkpoint(tmp: Path, model, tokenizer, plan, extra_info) -> None:
     adapter = get_adapter(model)
     shapes = model_layer_shapes(model)
+    config_cls, model_cls = family_classes(adapter.family)[0], stock_class(model)
     model.save_pretrained(tmp)
     config_path = tmp / "config.json"
     config_dict = json.loads(config_path.read_text())
     for key in _OWN_KEYS:
         config_dict.pop(key, None)
-    config_dict = (_stock_config(config_dict, shapes, adapter.head_dim)
-                   or _remote_config(config_dict, shapes, adapter.head_dim))
+    config_dict = (_stock_config(config_dict, shapes, adapter.head_dim, model_cls)
+                   or _remote_config(config_dict, shapes, adapter.head_dim, config_cls, model_cls))
     config_path.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     # config.json first: AutoTokenizer reads its model_type in the check.
     tokenizer_needs_remote = tokenizer is not None and _save_tokenizer(tmp, tokenizer)
     remote = tmp / REMOTE_FILE
     if "auto_map" in config_dict or tokenizer_needs_remote:
-        remote.write_text(_remote_source(adapter.family))
+        remote.write_text(_remote_source(config_cls, model_cls))
     elif remote.exists():     # save_pretrained copies it when re-saving a remote-code model
         remote.unlink()
     if plan is not None:
@@ -192,9 +260,9 @@ def save_pruned(model, out_dir, tokenizer=None, plan=None, extra_info=None,
 
 
 def load(path, device="cpu", dtype=None):
-    """(model, tokenizer or None) from a slimops checkpoint or any plain HF causal-LM folder,
-    without remote code. dtype=None keeps the saved dtype."""
-    from transformers import AutoModelForCausalLM
+    """(model, tokenizer or None) from a slimops checkpoint or any plain HF folder of a
+    supported family (a causal LM, or e.g. BertModel for encoders), without remote code.
+    dtype=None keeps the saved dtype."""
     path = Path(path).expanduser()
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -204,11 +272,25 @@ def load(path, device="cpu", dtype=None):
     if "slimops_layers" in raw:
         family = raw.get("slimops_base_model_type") or raw["model_type"]
         # The same classes the checkpoint's modeling_slimops.py defines: one source of truth.
-        _, model_cls = _remote_modeling().make_classes(*family_classes(family))
+        _, model_cls = _remote_modeling().make_classes(
+            *family_classes(family, raw.get("slimops_base_class")))
         model = model_cls.from_pretrained(path, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, **kwargs)
+        model = _plain_class(raw).from_pretrained(path, trust_remote_code=False, **kwargs)
     return model.to(device).eval(), _load_tokenizer(path)
+
+
+def _plain_class(raw: dict):
+    """The class a plain folder was saved from (config "architectures"), else the family's
+    auto class (AutoModelForCausalLM for decoders, AutoModel for encoders)."""
+    import transformers
+    arch = (raw.get("architectures") or [None])[0]
+    if arch and isinstance(getattr(transformers, arch, None), type):
+        return getattr(transformers, arch)
+    try:
+        return getattr(transformers, adapter_class(raw.get("model_type")).auto_model_class)
+    except ValueError:       # not a slimops family: still a plain causal LM folder
+        return transformers.AutoModelForCausalLM
 
 
 def _load_tokenizer(path: Path):

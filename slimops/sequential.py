@@ -78,7 +78,7 @@ def capture_inputs(adapter, tokens: torch.Tensor, batch_size: int, device) -> tu
     (rotary embeddings, mask, positions): identical for all batches of one shape."""
     backbone, layers = adapter.backbone(), adapter.layers()
     first = layers[0]
-    moved = [(m, _device_of(m)) for name, m in backbone.named_children() if name != "layers"]
+    moved = [(m, _device_of(m)) for m in _outside(backbone, layers)]
     for m, _ in moved:
         m.to(device)
     inputs, kwargs = [], {}
@@ -96,6 +96,21 @@ def capture_inputs(adapter, tokens: torch.Tensor, batch_size: int, device) -> tu
     kwargs.pop("past_key_values", None)
     kwargs["use_cache"] = False
     return inputs, kwargs
+
+
+def _outside(module: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
+    """The children of `module` that do not hold the layers (embeddings, rotary, norms),
+    recursing into the ones that do: decoders keep the layers at model.layers, BERT at
+    model.encoder.layer, and moving the encoder whole would onload every layer at once."""
+    out = []
+    for child in module.children():
+        if child is layers:
+            continue
+        if any(m is layers for m in child.modules()):
+            out += _outside(child, layers)
+        else:
+            out.append(child)
+    return out
 
 
 class LayerWork:

@@ -50,7 +50,36 @@ CASES = {
     "llama_uniform_3heads": ("llama_mha", lambda m: uniform_plan(m, [0, 1, 3], [0, 1, 3],
                                                                  list(range(80))),
                              torch.float32, True),
+    # FLAP-style biases the stock family lacks: always remote code, even for a shape
+    # (qwen2_uniform's) that would otherwise be a stock checkpoint
+    "llama_extra_bias": ("llama_gqa", random_gqa_plan, torch.float32, True),
+    "qwen2_extra_bias": ("qwen2", lambda m: uniform_plan(m, [0, 3], [0, 1], list(range(64))),
+                         torch.float32, True),
 }
+# case -> roles given a random bias after slicing (as FLAP's bias compensation does)
+EXTRA_BIASES = {"llama_extra_bias": ("o", "down"), "qwen2_extra_bias": ("down",)}
+
+
+@torch.no_grad()
+def add_biases(model, roles, seed=0):
+    """Replace each layer's `roles` projections by copies with a random bias."""
+    adapter, g = get_adapter(model), torch.Generator().manual_seed(seed)
+    for layer in adapter.layers():
+        for role in roles:
+            old = adapter.linear(layer, role)
+            new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+            new.weight.copy_(old.weight)
+            new.bias.copy_(0.1 * torch.randn(old.out_features, generator=g))
+            adapter.set_linear(layer, role, new)
+    return model
+
+
+def expected_shapes(name, model):
+    """Per-layer shapes config.json must record for case `name`."""
+    extra = {f"{role}_proj_bias": True for role in EXTRA_BIASES.get(name, ())}
+    return [{**dict(zip(("num_attention_heads", "num_key_value_heads", "intermediate_size"),
+                        get_adapter(model).layer_shape(layer))), **extra}
+            for layer in model.model.layers]
 
 
 def build_tokenizer():
@@ -73,7 +102,7 @@ def saved(tmp_path_factory):
     for name, (family, make_plan, dtype, _) in CASES.items():
         model = tiny_model(family)
         plan = make_plan(model)
-        apply_plan(model, plan).to(dtype)
+        add_biases(apply_plan(model, plan), EXTRA_BIASES.get(name, ())).to(dtype)
         path = slimops.save_pruned(model, root / name, tokenizer=tok, plan=plan,
                                    extra_info={"case": name})
         out[name] = dict(path=path, model=model, plan=plan, logits=logits(model),
@@ -172,9 +201,7 @@ def test_checkpoint_files(name, saved):
     path = case["path"]
     config = json.loads((path / "config.json").read_text())
     assert ("auto_map" in config) == remote
-    shapes = [dict(zip(("num_attention_heads", "num_key_value_heads", "intermediate_size"),
-                       get_adapter(case["model"]).layer_shape(layer)))
-              for layer in case["model"].model.layers]
+    shapes = expected_shapes(name, case["model"])
     if remote:
         assert config["slimops_layers"] == shapes and config["model_type"] == config[
             "slimops_base_model_type"]
@@ -185,7 +212,8 @@ def test_checkpoint_files(name, saved):
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]   # no temp dirs
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_bf16", "qwen2", "qwen2_uniform"])
+@pytest.mark.parametrize("name", ["llama_gqa_bf16", "qwen2", "qwen2_uniform",
+                                  "llama_extra_bias", "qwen2_extra_bias"])
 def test_slimops_load(name, saved):
     case = saved[0][name]
     model, tok = slimops.load(case["path"])
@@ -194,6 +222,7 @@ def test_slimops_load(name, saved):
     assert [tok(t)["input_ids"] for t in TEXTS] == list(saved[1].values())
     assert ([get_adapter(model).layer_shape(lay) for lay in model.model.layers]
             == [get_adapter(case["model"]).layer_shape(lay) for lay in case["model"].model.layers])
+    assert checkpoint.model_layer_shapes(model) == expected_shapes(name, case["model"])
 
 
 def test_resave_loaded_checkpoint(saved, tmp_path):

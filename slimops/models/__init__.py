@@ -28,4 +28,4 @@ def get_adapter(model):
     return adapter
 
 
-from . import llama, qwen  # noqa: E402,F401  (registers the families)
+from . import bert, llama, qwen  # noqa: E402,F401  (registers the families)

@@ -1,20 +1,25 @@
-"""Per-layer-shaped decoders for pruned checkpoints, loadable WITHOUT slimops installed.
+"""Per-layer-shaped models for pruned checkpoints, loadable WITHOUT slimops installed.
 
 This file is copied verbatim into every per-layer checkpoint as `modeling_slimops.py`, so
 it imports only torch, transformers and the standard library (never slimops). The
-checkpoint writer appends two lines naming the family, e.g.
+checkpoint writer appends two lines naming the family and model class, e.g.
 
     from transformers import LlamaConfig, LlamaForCausalLM
     SlimopsConfig, SlimopsForCausalLM = make_classes(LlamaConfig, LlamaForCausalLM)
+    (or: SlimopsConfig, SlimopsModel = make_classes(BertConfig, BertModel))
 
-and config.json's `auto_map` points AutoConfig / AutoModelForCausalLM at those names.
+and config.json's `auto_map` points AutoConfig / AutoModelForCausalLM (AutoModel for
+BERT-style encoders) at those names.
 
 config.json keeps the family's original dense values (num_attention_heads, ...), so the
 stock config validators pass (transformers 5.23's LlamaConfig refuses hidden_size %
 num_attention_heads != 0 even with an explicit head_dim), plus `slimops_layers`: one
-{"num_attention_heads", "num_key_value_heads", "intermediate_size"} dict per layer.
+{"num_attention_heads", "num_key_value_heads", "intermediate_size"} dict per layer, with
+"<role>_proj_bias" entries where a projection's bias differs from the stock family's.
 The model class builds the stock family model and swaps each layer's projections for
-the pruned shapes before any weight is loaded or initialised.
+the pruned shapes before any weight is loaded or initialised. Which modules to swap comes
+from a per-family table (LLaMA-like decoders, BERT-like encoders), chosen by the
+`slimops_base_model_type` recorded in the config.
 
 transformers' own `per_layer_config` is not used: in 5.23 it makes these three keys
 raise AmbiguousGlobalPerLayerAttributeError on the global config, LlamaConfig's validator
@@ -33,21 +38,57 @@ except ImportError:     # transformers 4: the same role under its old name
     from transformers import PreTrainedTokenizerFast as TokenizersBackend
 
 SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
-ATTN, MLP = "self_attn", "mlp"
-# (parent module, projection, side whose width changes, shape key giving the width)
-PROJECTIONS = (
-    (ATTN, "q_proj", "out", "num_attention_heads"),
-    (ATTN, "k_proj", "out", "num_key_value_heads"),
-    (ATTN, "v_proj", "out", "num_key_value_heads"),
-    (ATTN, "o_proj", "in", "num_attention_heads"),
-    (MLP, "gate_proj", "out", "intermediate_size"),
-    (MLP, "up_proj", "out", "intermediate_size"),
-    (MLP, "down_proj", "in", "intermediate_size"),
-)
+HEAD_KEYS = ("num_attention_heads", "num_key_value_heads")      # widths in heads x head_dim
+# Per family: where the layers sit inside model.base_model, the attention module whose
+# head-count attributes the stock forward reads, whether the stock config honours an
+# explicit head_dim, which shape keys its config has, and each projection as role -> (dotted path inside one layer, side
+# whose width changes, shape key giving the width). Must match slimops' adapters
+# (tests/test_bert.py checks).
+LLAMA_LIKE = {
+    "layers": "layers", "attention": "self_attn", "explicit_head_dim": True,
+    "config_keys": SHAPE_KEYS,
+    "projections": {
+        "q": ("self_attn.q_proj", "out", "num_attention_heads"),
+        "k": ("self_attn.k_proj", "out", "num_key_value_heads"),
+        "v": ("self_attn.v_proj", "out", "num_key_value_heads"),
+        "o": ("self_attn.o_proj", "in", "num_attention_heads"),
+        "gate": ("mlp.gate_proj", "out", "intermediate_size"),
+        "up": ("mlp.up_proj", "out", "intermediate_size"),
+        "down": ("mlp.down_proj", "in", "intermediate_size"),
+    },
+}
+# BertConfig ignores head_dim: attention_head_size is always hidden_size // heads.
+BERT_LIKE = {
+    "layers": "encoder.layer", "attention": "attention.self", "explicit_head_dim": False,
+    "config_keys": ("num_attention_heads", "intermediate_size"),      # MHA: no KV count
+    "projections": {
+        "q": ("attention.self.query", "out", "num_attention_heads"),
+        "k": ("attention.self.key", "out", "num_key_value_heads"),
+        "v": ("attention.self.value", "out", "num_key_value_heads"),
+        "o": ("attention.output.dense", "in", "num_attention_heads"),
+        "up": ("intermediate.dense", "out", "intermediate_size"),
+        "down": ("output.dense", "in", "intermediate_size"),
+    },
+}
+FAMILY_SPECS = {"bert": BERT_LIKE}     # every other family is LLaMA-like
+
+
+def family_spec(model_type: str) -> dict:
+    return FAMILY_SPECS.get(model_type, LLAMA_LIKE)
+
+
+def bias_key(role: str) -> str:
+    """Per-layer shape key recording a bias the stock family lacks (True) or has (False),
+    e.g. "o_proj_bias": FLAP folds removed channels' mean output into o_proj/down_proj."""
+    return f"{role}_proj_bias"
 
 
 def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def base_model_type(config) -> str:
+    return getattr(config, "slimops_base_model_type", None) or config.model_type
 
 
 def layer_shapes(config) -> list[dict] | None:
@@ -68,57 +109,77 @@ def layer_shapes(config) -> list[dict] | None:
     return shapes
 
 
-def _resized(linear: nn.Linear, side: str, width: int) -> nn.Linear:
-    """An uninitialised nn.Linear like `linear` with its in or out side set to `width`."""
+def _resized(linear: nn.Linear, side: str, width: int, bias: bool | None) -> nn.Linear:
+    """An uninitialised nn.Linear like `linear` with its in or out side set to `width` and
+    a bias iff `bias` (None: as the stock module)."""
     in_f, out_f = (width, linear.out_features) if side == "in" else (linear.in_features, width)
-    if (in_f, out_f) == (linear.in_features, linear.out_features):
+    has_bias = linear.bias is not None if bias is None else bool(bias)
+    if (in_f, out_f, has_bias) == (linear.in_features, linear.out_features,
+                                   linear.bias is not None):
         return linear
     # Same device/dtype as the stock module: meta inside from_pretrained, the load dtype.
-    return nn.Linear(in_f, out_f, bias=linear.bias is not None,
+    return nn.Linear(in_f, out_f, bias=has_bias,
                      device=linear.weight.device, dtype=linear.weight.dtype)
 
 
-def reshape_layer(layer: nn.Module, shape: dict, head_dim: int) -> None:
-    """Give one decoder layer the projection shapes of `shape` (weights left to the loader)."""
-    for parent_name, name, side, key in PROJECTIONS:
-        parent = getattr(layer, parent_name)
-        width = shape[key] * (head_dim if parent_name == ATTN else 1)
-        setattr(parent, name, _resized(getattr(parent, name), side, width))
-    attn = getattr(layer, ATTN)
-    nh, nkv = shape["num_attention_heads"], shape["num_key_value_heads"]
-    # HF attention reads repeat_kv's factor from this attribute, not from the weights.
-    attn.num_key_value_groups = nh // nkv
-    for attr, val in (("num_heads", nh), ("num_key_value_heads", nkv)):
+def set_attention_geometry(attn: nn.Module, num_heads: int, num_kv: int, head_dim: int) -> None:
+    """Tell the stock attention module its per-layer head counts: HF's LLaMA-like attention
+    reads repeat_kv's factor from num_key_value_groups, BERT's reshape from
+    num_attention_heads / all_head_size. Only attributes the module has are set."""
+    values = {"num_key_value_groups": num_heads // num_kv, "num_heads": num_heads,
+              "num_key_value_heads": num_kv, "num_attention_heads": num_heads,
+              "all_head_size": num_heads * head_dim}
+    for attr, val in values.items():
         if hasattr(attn, attr):
             setattr(attn, attr, val)
 
 
+def reshape_layer(layer: nn.Module, shape: dict, head_dim: int, spec: dict = LLAMA_LIKE) -> None:
+    """Give one layer the projection shapes (and biases) of `shape`; weights left to the loader."""
+    for role, (path, side, key) in spec["projections"].items():
+        parent_path, _, name = path.rpartition(".")
+        parent = layer.get_submodule(parent_path)
+        width = shape[key] * (head_dim if key in HEAD_KEYS else 1)
+        setattr(parent, name, _resized(getattr(parent, name), side, width,
+                                       shape.get(bias_key(role))))
+    set_attention_geometry(layer.get_submodule(spec["attention"]),
+                           shape["num_attention_heads"], shape["num_key_value_heads"], head_dim)
+
+
 def reshape_layers(model: nn.Module, config) -> nn.Module:
-    """Reshape every decoder layer of a stock family model to config.slimops_layers."""
+    """Reshape every layer of a stock family model to config.slimops_layers."""
     shapes = layer_shapes(config)
     if shapes is None:
         return model
-    layers = model.model.layers
+    spec = family_spec(base_model_type(config))
+    layers = getattr(model, "base_model", model).get_submodule(spec["layers"])
     if len(layers) != len(shapes):
         raise ValueError(f"model has {len(layers)} layers, slimops_layers lists {len(shapes)}")
     hd = head_dim_of(config)
     for layer, shape in zip(layers, shapes):
-        reshape_layer(layer, shape, hd)
+        reshape_layer(layer, shape, hd, spec)
     return model
+
+
+def class_name(config_base: type, model_base: type) -> str:
+    """SlimopsForCausalLM for LlamaForCausalLM, SlimopsModel for BertModel, ..."""
+    family = config_base.__name__.removesuffix("Config")
+    return "Slimops" + model_base.__name__.removeprefix(family)
 
 
 @functools.cache
 def make_classes(config_base: type, model_base: type) -> tuple[type, type]:
-    """(config class, causal-LM class) for one family, e.g. (LlamaConfig, LlamaForCausalLM).
+    """(config class, model class) for one family, e.g. (LlamaConfig, LlamaForCausalLM) or
+    (BertConfig, BertModel).
 
     The config keeps the family's model_type, so AutoTokenizer and tools that dispatch on
     model_type treat the checkpoint as that family; its own class (not the stock one)
-    keeps AutoModelForCausalLM.register from remapping the stock config class.
+    keeps AutoModel*.register from remapping the stock config class.
     """
     class SlimopsConfig(config_base):
         pass
 
-    class SlimopsForCausalLM(model_base):
+    class SlimopsModel(model_base):
         config_class = SlimopsConfig
 
         def post_init(self):
@@ -139,9 +200,10 @@ def make_classes(config_base: type, model_base: type) -> tuple[type, type]:
                 return None     # per-rank counts unknown here: the cache allocates lazily
             return [s["num_key_value_heads"] for s in shapes], shape[1]
 
-    for cls, name in ((SlimopsConfig, "SlimopsConfig"), (SlimopsForCausalLM, "SlimopsForCausalLM")):
+    for cls, name in ((SlimopsConfig, "SlimopsConfig"),
+                      (SlimopsModel, class_name(config_base, model_base))):
         cls.__name__ = cls.__qualname__ = name
-    return SlimopsConfig, SlimopsForCausalLM
+    return SlimopsConfig, SlimopsModel
 
 
 class SlimopsTokenizer(TokenizersBackend):
@@ -153,12 +215,14 @@ class SlimopsTokenizer(TokenizersBackend):
 
 
 def family_lines(config_base: type, model_base: type) -> str:
-    """The lines a checkpoint appends to this file to bind it to one family."""
+    """The lines a checkpoint appends to this file to bind it to one family and class."""
+    name = class_name(config_base, model_base)
     return (f"\n\n# Written by slimops for this checkpoint's family.\n"
             f"from transformers import {config_base.__name__}, {model_base.__name__}  # noqa: E402\n"
-            f"SlimopsConfig, SlimopsForCausalLM = make_classes("
+            f"SlimopsConfig, {name} = make_classes("
             f"{config_base.__name__}, {model_base.__name__})\n")
 
 
-__all__ = ["SHAPE_KEYS", "head_dim_of", "layer_shapes", "reshape_layer", "reshape_layers",
-           "make_classes", "family_lines", "SlimopsTokenizer"]
+__all__ = ["SHAPE_KEYS", "FAMILY_SPECS", "family_spec", "bias_key", "head_dim_of",
+           "layer_shapes", "reshape_layer", "reshape_layers", "class_name", "make_classes",
+           "family_lines", "SlimopsTokenizer"]
