@@ -1,4 +1,4 @@
-"""`slimops prune | eval | demo` (see README for examples)."""
+"""`slimops prune | eval | bench | demo` (see README for examples)."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,31 @@ def _add_eval(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--json", help="write {ppl, params, ...} here")
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="prefill/decode tok/s, TTFT, peak memory, params, MACs of models",
+        description="Benchmark models side by side through HF generate (greedy, exactly --gen "
+                    "new tokens, static KV cache where the model supports it). The last line "
+                    "is 'speedup decode X prefill Y': the LAST model's median tok/s over the "
+                    "FIRST model's, at the FIRST --batch and FIRST --prompt value.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="HF causal-LM folders or slimops checkpoints (dense first, pruned last)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes")
+    p.add_argument("--prompt", type=int, nargs="+", default=[128], help="prompt lengths")
+    p.add_argument("--gen", type=int, default=128, help="new tokens per generate (>= 2)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per shape")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds per shape")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward (CUDA graphs on GPU; mainly for GPU)")
+    p.add_argument("--no-static-cache", action="store_true",
+                   help="use the dynamic KV cache instead of the static one")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
+    p.add_argument("--json", help="write every raw repeat and the summary here")
+    p.add_argument("--plot", help="write a PNG bar chart of prefill and decode tok/s here")
 
 
 def _add_demo(sub) -> None:
@@ -114,6 +139,28 @@ def cmd_eval(args) -> None:
         Path(args.json).write_text(json.dumps(result, indent=2))
 
 
+def cmd_bench(args) -> None:
+    from .evaluation import report as bench_report
+    from .evaluation.throughput import BenchSettings, run_bench
+    settings = BenchSettings(device=args.device, dtype=args.dtype, batches=args.batch,
+                             prompts=args.prompt, gen=args.gen, repeats=args.repeats,
+                             warmup=args.warmup, compile=args.compile,
+                             static_cache=not args.no_static_cache, seed=args.seed)
+    if args.plot:                      # fail before the (long) run, not after it
+        import matplotlib  # noqa: F401
+    result = run_bench(args.models, settings)
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(bench_report.markdown_table(result))
+    print()
+    print(bench_report.footnotes(result))
+    if args.json:
+        print(f"wrote {bench_report.write_json(result, args.json)}")
+    if args.plot:
+        print(f"wrote {bench_report.write_plot(result, args.plot)}")
+    print(bench_report.speedup_line(result))
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
     run_demo(ratio=args.ratio, out=args.out, device=args.device, eval_windows=args.eval_windows)
@@ -124,10 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
     _add_eval(sub)
+    _add_bench(sub)
     _add_demo(sub)
     args = parser.parse_args(argv)
     try:
-        {"prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)
+        {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench,
+         "demo": cmd_demo}[args.command](args)
     except USER_ERRORS as err:
         print(f"slimops {args.command}: error: {err}", file=sys.stderr)
         return 2
