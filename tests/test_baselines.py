@@ -205,15 +205,28 @@ def test_flap_widths_adapt_to_the_layers():
 
 
 def test_flap_global_threshold_counts_hand_example():
-    s = [scores([0.0, 0.0, 1.0, 2.0], channels=[1.0, 2.0, 3.0, 4.0]),
-         scores([1.0, 1.0, 1.0, 1.0], channels=[0.0, 0.0, 0.0, 10.0])]
-    # standardised: layer 0 heads -.78 -.78 .26 1.31, channels -1.16 -.39 .39 1.16;
-    # layer 1 heads 0 (all equal), channels -.5 -.5 -.5 1.5. Costs: head 2 + 2/2, channel 1.
+    s = [scores([-0.78, -0.78, 0.26, 1.31], channels=[-1.16, -0.39, 0.39, 1.16]),
+         scores([0.0, 0.0, 0.0, 0.0], channels=[-0.5, -0.5, -0.5, 1.5])]
+    # z-scores as given. Costs: head 2 + 2/2, channel 1.
     # Ascending: L0 ch (1), L0 h, L0 h (3 each), L1 ch x3 (1 each): cumsum 1 4 7 8 9 10
     threshold, counts = flap.global_threshold(s, [COSTS, COSTS], [2, 2], target=10)
     assert counts == [(2, 1), (0, 3)] and threshold == pytest.approx(-0.5)
     _, counts = flap.global_threshold(s, [COSTS, COSTS], [2, 2], target=6.6)
     assert counts == [(2, 1), (0, 0)]
+
+
+def test_flap_standardises_columns_then_averages_heads():
+    """The authors' eq. 6: z-score every o_proj input column within the layer, then a head's
+    score is the mean of its columns' z-scores (not a z-score of per-head sums)."""
+    model = make_tiny_model("llama", layers=1)
+    layer, adapter = model.model.layers[0], get_adapter(model)
+    torch.manual_seed(1)
+    o_cols, down_cols = torch.rand(64, dtype=torch.float64), torch.rand(160, dtype=torch.float64)
+    got = flap.standardized_units(adapter, layer, o_cols, down_cols)
+    z = (o_cols - o_cols.mean()) / o_cols.std()
+    torch.testing.assert_close(got.heads, torch.stack([z[h * 16:(h + 1) * 16].mean()
+                                                       for h in range(4)]))
+    torch.testing.assert_close(got.channels, (down_cols - down_cols.mean()) / down_cols.std())
 
 
 # ---- slicing and checkpoints ---------------------------------------------------------------
@@ -240,11 +253,17 @@ def test_checkpoint_round_trip(method, tmp_path):
     down_proj biases (checked non-trivial) must survive the trip."""
     model = offset_model(3) if method == "flap" else make_tiny_model("llama")
     tokens = calib()
-    plan, _ = prune_model(model, tokens, method, 0.3)
+    # at 0.5 flap removes heads too (its tiny-model head z-scores sit near 0 at 0.3)
+    plan, _ = prune_model(model, tokens, method, 0.5 if method == "flap" else 0.3)
     want = model(tokens[:2]).logits
     loaded, _ = slimops.load(slimops.save_pruned(model, tmp_path / method, plan=plan))
-    if method == "flap":
-        assert model.model.layers[0].self_attn.o_proj.bias.abs().max() > 1e-2
-        assert all(layer.self_attn.o_proj.bias is not None and layer.mlp.down_proj.bias
-                   is not None for layer in loaded.model.layers)
+    if method == "flap":   # biases exist where heads / channels went, and survive the trip
+        pairs = [(m.bias, n.bias) for a, b in zip(model.model.layers, loaded.model.layers)
+                 for m, n in ((a.self_attn.o_proj, b.self_attn.o_proj),
+                              (a.mlp.down_proj, b.mlp.down_proj))]
+        assert any(m is not None and m.abs().max() > 1e-2 for m, _ in pairs)
+        for m, n in pairs:
+            assert (m is None) == (n is None)
+            if m is not None:
+                torch.testing.assert_close(n, m)
     torch.testing.assert_close(loaded(tokens[:2]).logits, want, atol=1e-5, rtol=1e-5)

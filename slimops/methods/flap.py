@@ -7,7 +7,11 @@
 2. Adaptive structure search (eq. 6-7): standardise the scores within each layer and
    module, S' = (S - E[S]) / std(S), so attention heads and FFN channels of every layer
    are comparable; then ONE global threshold over all layers and both modules removes the
-   lowest units until the removed decoder params reach the ratio. Per-layer widths follow
+   lowest units until the removed decoder params reach the ratio. As in the authors' code,
+   attention is standardised per o_proj input COLUMN and a head's score is the mean of its
+   columns' z-scores. (Summing per head and standardising the 8 head sums instead spreads
+   head z-scores as widely as channel z-scores; on the reference model that removed half of
+   every layer's heads at 20% and gave ppl 206 on train-split text, vs 52 dense.) Per-layer widths follow
    from the data (not uniform); the schedule argument is ignored.
 3. Bias compensation (eq. 8): the removed channels' average contribution is kept,
        b_new = b + W[:, removed] @ mean(X[removed]),
@@ -29,8 +33,7 @@ from torch import nn
 from ..plan import LayerPlan, PruningPlan
 from ..sequential import LayerWork, run_sequential
 from ..slicing import head_rows, mask_layer
-from .baselines import (BaselineConfig, Budget, InputStats, UnitScores, column_scores, finish,
-                        input_stats)
+from .baselines import BaselineConfig, Budget, InputStats, UnitScores, finish, input_stats
 
 
 def fluctuation_columns(weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
@@ -46,6 +49,16 @@ def standardize(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean()) / std if std > 0 else torch.zeros_like(scores)
 
 
+def standardized_units(adapter, layer, o_cols: torch.Tensor,
+                       down_cols: torch.Tensor) -> UnitScores:
+    """FLAP eq. 6 as the authors compute it: z-scores of o_proj's input columns within the
+    layer, a head = the mean of its head_dim columns; z-scores of down_proj's columns."""
+    nh, nkv, _ = adapter.layer_shape(layer)
+    heads = standardize(o_cols.double()).reshape(nh, adapter.head_dim).mean(1)
+    return UnitScores(heads.cpu(), torch.zeros(nkv, dtype=torch.float64),
+                      standardize(down_cols.double()).cpu())
+
+
 def global_threshold(scores: list[UnitScores], costs: list[dict], reps: list[int],
                      target: float) -> tuple[float, list[tuple[int, int]]]:
     """FLAP eq. 7: sort all standardised head and channel scores of all layers together and
@@ -53,7 +66,7 @@ def global_threshold(scores: list[UnitScores], costs: list[dict], reps: list[int
     Returns (threshold, [(heads removed, channels removed) per layer])."""
     z, cost, owner = [], [], []
     for i, (s, c, rep) in enumerate(zip(scores, costs, reps)):
-        z += [standardize(s.heads), standardize(s.channels)]
+        z += [s.heads, s.channels]
         cost += [torch.full_like(s.heads, c["head"] + c["kv_head"] / rep),
                  torch.full_like(s.channels, float(c["channel"]))]
         owner += [torch.full((len(s.heads),), 2 * i), torch.full((len(s.channels),), 2 * i + 1)]
@@ -113,8 +126,9 @@ def prune(model, tokens: torch.Tensor, cfg: BaselineConfig, adapter=None) -> Pru
     def collect(work: LayerWork) -> None:      # statistics only: the pass stays dense
         o, down = adapter.o_proj(work.layer), adapter.down_proj(work.layer)
         stats = input_stats(work, {"o": o, "down": down})
-        scores.append(column_scores(adapter, work.layer, fluctuation_columns(o.weight, stats["o"]),
-                                    fluctuation_columns(down.weight, stats["down"])))
+        scores.append(standardized_units(adapter, work.layer,
+                                         fluctuation_columns(o.weight, stats["o"]),
+                                         fluctuation_columns(down.weight, stats["down"])))
         means.append({k: s.mean().cpu() for k, s in stats.items()})
 
     timer = run_sequential(model, adapter, tokens, collect, device=cfg.device,
