@@ -19,8 +19,9 @@ def _add_prune(sub) -> None:
     p.add_argument("--method", default="slimgpt", choices=METHODS)
     p.add_argument("--ratio", type=float, default=0.2,
                    help="share of decoder-layer parameters to remove, in (0, 1)")
-    p.add_argument("--schedule", default="log",
-                   help="per-layer ratios: log | linear | uniform | comma-separated list")
+    p.add_argument("--schedule", default=None,
+                   help="per-layer ratios: log | linear | uniform | comma-separated list "
+                        "(default: log for slimgpt, uniform for the baselines; flap is adaptive)")
     p.add_argument("--calib", default="wikitext2",
                    help="wikitext2 | c4 | a text file | a folder of text files | ids.pt")
     p.add_argument("--nsamples", type=int, default=128)
@@ -33,8 +34,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
     p.add_argument("--percdamp", type=float, default=0.01)
     p.add_argument("--align", type=int, default=None,
-                   help="keep every layer's FFN width a multiple of N and whole KV groups "
-                        "(default: chosen per device, see README)")
+                   help="slimgpt: keep every layer's FFN width a multiple of N and whole KV "
+                        "groups (default per device: off on CPU, 64 on CUDA; see README)")
     p.add_argument("--json", help="also write the prune report as JSON here")
 
 
@@ -90,7 +91,7 @@ def cmd_prune(args) -> None:
     from .checkpoint import save_pruned
     from .schedules import parse_schedule
     pipeline.check_ratio(args.ratio)                          # all cheap checks first
-    schedule = parse_schedule(args.schedule)
+    schedule = None if args.schedule is None else parse_schedule(args.schedule)
     pipeline.resolve_model_path(args.model)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -104,7 +105,7 @@ def cmd_prune(args) -> None:
     model, _ = pipeline.load_model(args.model, args.dtype)
     plan, report = pipeline.prune_model(model, tokens, args.method, args.ratio, schedule,
                                         args.device, batch_size=args.batch_size,
-                                        percdamp=args.percdamp, align=args.align)
+                                        percdamp=args.percdamp, align=_align(args))
     info = _report_dict(report) | {"model": args.model, "calib": args.calib,
                                    "nsamples": args.nsamples, "seqlen": args.seqlen}
     save_pruned(model.to("cpu"), out, tokenizer=tokenizer, plan=plan, extra_info=info,
@@ -113,6 +114,14 @@ def cmd_prune(args) -> None:
     print(f"saved to {out}")
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=2))
+
+
+def _align(args) -> int | None:
+    """--align as given, else the device default for slimgpt (baselines do not align)."""
+    if args.align is not None or args.method != "slimgpt":
+        return args.align
+    from .methods.align import default_align
+    return default_align(args.device)
 
 
 def _report_dict(report) -> dict:

@@ -11,6 +11,9 @@ Per decoder layer, in order (inputs come from the already pruned layers before i
      first for speed, small groups last for accuracy), compensating down_proj each time.
   3. Incremental Pruning Ratio: per-layer ratios from `schedules.layer_ratios`; rounding to
      whole heads/channels is carried into the next layer so the total hits the target.
+With `align=N` (methods/align.py) attention loses whole KV groups only, the FFN absorbs the
+rest of the layer's target at a kept width that is a multiple of N, and per-layer ratios are
+capped at what such a layer can lose.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from .. import ops
 from ..plan import LayerPlan, PruningPlan
 from ..schedules import layer_ratios
 from ..sequential import LayerWork, run_sequential
+from .align import aligned_ratios, aligned_removal, check_align, kept_widths
 from .obs_solver import ObsSolver, damp_hessian
 
 
@@ -35,6 +39,9 @@ class SlimGPTConfig:
     device: str = "cpu"
     reference: bool = False                 # the slow paper-faithful solver (tests, benchmarks)
     align: int | None = None                # FFN widths multiple of N, whole KV groups only
+                                            # (None or 1: off; CLI default: align.default_align)
+    whole_kv_groups: bool = True            # with align: False aligns the FFN only (heads
+                                            # pruned as unaligned; see align.py's numbers)
 
 
 @dataclass
@@ -50,9 +57,10 @@ def head_columns(heads: list[int], head_dim: int, device) -> torch.Tensor:
 
 
 def prune_heads(solver, num_heads: int, num_kv: int, head_dim: int, costs: dict,
-                target: float) -> tuple[list[int], list[int], int]:
+                target: float, whole_groups: bool = False) -> tuple[list[int], list[int], int]:
     """Greedy GQA-preserving head removal until `target` params are removed (never
-    overshooting by more than half a unit). Returns kept heads, kept KV heads, removed."""
+    overshooting by more than half a unit); `whole_groups` allows only whole KV groups.
+    Returns kept heads, kept KV heads, removed."""
     rep = num_heads // num_kv
     alive = {g: list(range(g * rep, (g + 1) * rep)) for g in range(num_kv)}
     removed = 0
@@ -66,7 +74,7 @@ def prune_heads(solver, num_heads: int, num_kv: int, head_dim: int, costs: dict,
             g = int(torch.argmin(err))
             cands.append((float(err[g]), per * costs["head"] + costs["kv_head"],
                           alive[groups[g]], [groups[g]]))
-        if per > 1:                              # one query head from every group
+        if per > 1 and not whole_groups:         # one query head from every group
             heads = [h for g in groups for h in alive[g]]
             err = solver.errors(torch.stack([head_columns([h], head_dim, dev) for h in heads]))
             err = err.view(len(groups), per)
@@ -111,6 +119,7 @@ def _solver(cfg: SlimGPTConfig, W: torch.Tensor, H: torch.Tensor, budget: _Budge
 @torch.no_grad()
 def prune_layer(work: LayerWork, cfg: SlimGPTConfig, budget: _Budget) -> LayerPlan:
     adapter, layer = work.adapter, work.layer
+    align = check_align(cfg.align)
     nh, nkv, ffn = adapter.layer_shape(layer)
     costs = adapter.unit_costs(layer)
     ratio = budget.ratios[work.index]
@@ -122,7 +131,11 @@ def prune_layer(work: LayerWork, cfg: SlimGPTConfig, budget: _Budget) -> LayerPl
         W = o_proj.weight.float().clone()
         solver = _solver(cfg, W, H, budget)
         attn_target = min(ratio * (nh * costs["head"] + nkv * costs["kv_head"]), target)
-        heads, kv, removed = prune_heads(solver, nh, nkv, adapter.head_dim, costs, attn_target)
+        if align:      # attention takes at least what the aligned FFN cannot
+            ffn_max = (ffn - min(kept_widths(ffn, align))) * costs["channel"]
+            attn_target = min(max(attn_target, target - ffn_max), target)
+        heads, kv, removed = prune_heads(solver, nh, nkv, adapter.head_dim, costs, attn_target,
+                                         whole_groups=bool(align) and cfg.whole_kv_groups)
         o_proj.weight.copy_(solver.W)
 
     down = adapter.down_proj(layer)
@@ -130,8 +143,11 @@ def prune_layer(work: LayerWork, cfg: SlimGPTConfig, budget: _Budget) -> LayerPl
     with work.timer("obs", work.device):
         W = down.weight.float().clone()
         solver = _solver(cfg, W, H, budget)
-        n_remove = int(round((target - removed) / costs["channel"]))
-        n_remove = max(0, min(ffn - 1, n_remove))
+        if align:      # nearest kept width that is a multiple of align (carry included)
+            n_remove = aligned_removal(ffn, (target - removed) / costs["channel"], align)
+        else:
+            n_remove = int(round((target - removed) / costs["channel"]))
+            n_remove = max(0, min(ffn - 1, n_remove))
         channels = prune_channels(solver, n_remove, cfg.min_group)
         down.weight.copy_(solver.W)
     budget.carry = target - removed - n_remove * costs["channel"]
@@ -141,10 +157,12 @@ def prune_layer(work: LayerWork, cfg: SlimGPTConfig, budget: _Budget) -> LayerPl
 def prune(model, tokens: torch.Tensor, cfg: SlimGPTConfig, adapter=None) -> PruningPlan:
     """Prune `model` in place (masked + compensated; slice with slicing.apply_plan)."""
     from ..models import get_adapter
-    if cfg.align not in (None, 1):
-        raise NotImplementedError("--align is not implemented yet")
+    align = check_align(cfg.align)
     adapter = adapter or get_adapter(model)
     ratios = layer_ratios(cfg.schedule, cfg.ratio, len(adapter.layers()))
+    align_info = {}
+    if align:          # before any work: cap layers at what whole groups + N-multiples allow
+        ratios, align_info = aligned_ratios(adapter, ratios, align, cfg.whole_kv_groups)
     budget = _Budget(ratios)
     plans: list[LayerPlan] = []
     accumulate, batch_size = ops.hessian_accumulate, cfg.batch_size
@@ -155,6 +173,6 @@ def prune(model, tokens: torch.Tensor, cfg: SlimGPTConfig, adapter=None) -> Prun
         prune_layer(w, cfg, budget)), device=cfg.device, batch_size=batch_size,
         desc="slimgpt" + (" (reference)" if cfg.reference else ""), accumulate=accumulate)
     info = {"schedule": cfg.schedule, "layer_ratios": ratios, "percdamp": cfg.percdamp,
-            "damping_grown": sum(d.grown for d in budget.damping),
+            "damping_grown": sum(d.grown for d in budget.damping), **align_info,
             "phase_seconds": timer.seconds}
     return PruningPlan(plans, method="slimgpt", target_ratio=cfg.ratio, info=info)
