@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .memory import reset_peak_rss, status_kb
 from .models import get_adapter
 from .plan import PruningPlan
 from .slicing import apply_plan
@@ -148,29 +149,19 @@ def _method_config(method: str, ratio: float, schedule, device: str, options: di
     return BaselineConfig(**given)
 
 
-_CLEAR_REFS, _STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
-
-
 def _reset_peak_memory(device) -> None:
     """Start a new peak-memory window, so several prunes in one process each report their
-    own peak: CUDA's allocator stats, or on Linux the process's peak RSS (VmHWM), which
-    writing "5" to /proc/self/clear_refs resets."""
+    own peak: CUDA's allocator stats, or the process's peak RSS (slimops.memory)."""
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        _CLEAR_REFS.write_text("5")
-    except OSError:
-        pass                  # not Linux, or not permitted: the peak is then the process's
+    else:
+        reset_peak_rss()      # where impossible the peak is the process's so far
 
 
 def _peak_memory_mb(device) -> float:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024            # kB
-    except OSError:
-        pass
+    peak_kb = status_kb("VmHWM")
+    if peak_kb is not None:
+        return peak_kb / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux

@@ -19,6 +19,22 @@ def triton_kernels(family: str):
         module, reason = None, f"triton not importable: {exc}"
     return module, pytest.mark.skipif(module is None, reason=reason)
 
+# Prelude of child-process scripts that must run where slimops cannot be imported (only the
+# checkpoint folder and transformers): proves a checkpoint loads on a machine without slimops.
+BLOCK_SLIMOPS = r"""
+import importlib.abc, json, sys
+class BlockSlimops(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "slimops":
+            raise ImportError("slimops is blocked here")
+sys.meta_path.insert(0, BlockSlimops())
+try:
+    import slimops
+    sys.exit("slimops is importable in the child")
+except ImportError:
+    pass
+"""
+
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "llama-mha": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 4}),

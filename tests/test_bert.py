@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import BLOCK_SLIMOPS
 
 import slimops
 from slimops import checkpoint
@@ -166,18 +167,7 @@ def test_slimops_load(name, saved):
 
 
 # Runs where slimops cannot be imported: only the checkpoint folder and transformers.
-CHILD = r"""
-import importlib.abc, json, sys
-class BlockSlimops(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "slimops":
-            raise ImportError("slimops is blocked here")
-sys.meta_path.insert(0, BlockSlimops())
-try:
-    import slimops
-    sys.exit("slimops is importable in the child")
-except ImportError:
-    pass
+CHILD = BLOCK_SLIMOPS + r"""
 import torch, transformers
 spec = json.loads(sys.stdin.read())
 ids, results = torch.tensor(spec["ids"]), {}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))   # share the tiny-model helpers
+from conftest import BLOCK_SLIMOPS  # noqa: E402
 from test_slicing import input_ids, logits, random_gqa_plan, tiny_model  # noqa: E402
 
 import slimops  # noqa: E402
@@ -111,18 +112,7 @@ def saved(tmp_path_factory):
 
 
 # Runs where slimops cannot be imported: only the checkpoint folder and transformers.
-CHILD = r"""
-import importlib.abc, json, sys
-class BlockSlimops(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "slimops":
-            raise ImportError("slimops is blocked here")
-sys.meta_path.insert(0, BlockSlimops())
-try:
-    import slimops
-    sys.exit("slimops is importable in the child")
-except ImportError:
-    pass
+CHILD = BLOCK_SLIMOPS + r"""
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 spec = json.loads(sys.stdin.read())

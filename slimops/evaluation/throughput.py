@@ -38,8 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-_CLEAR_REFS, _STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
-
+from ..memory import reset_peak_rss, status_kb
 
 @dataclass
 class BenchSettings:
@@ -180,16 +179,6 @@ def _malloc_trim() -> None:
         pass
 
 
-def _status_kb(key: str) -> int | None:
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 class PeakMemory:
     """Peak memory of the enclosed block in MB (see the module docstring for what)."""
 
@@ -203,11 +192,8 @@ class PeakMemory:
             return self
         gc.collect()
         _malloc_trim()
-        try:
-            _CLEAR_REFS.write_text("5")       # VmHWM := VmRSS
-        except OSError:
-            pass                              # not Linux / not permitted: nan below
-        self.start_kb = _status_kb("VmRSS")
+        reset_peak_rss()                      # not Linux / not permitted: nan below
+        self.start_kb = status_kb("VmRSS")
         return self
 
     def __exit__(self, *exc):
@@ -215,7 +201,7 @@ class PeakMemory:
             synchronize(self.device)
             self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
         else:
-            peak = _status_kb("VmHWM")
+            peak = status_kb("VmHWM")
             if peak is not None and self.start_kb is not None:
                 self.mb = max(peak - self.start_kb, 0) / 1024
         return False
