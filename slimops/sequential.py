@@ -129,20 +129,12 @@ class LayerWork:
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
-    def hessians(self, modules: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
-        """H = mean over calibration tokens of x x^T for the input x of each module, fp32,
-        accumulated with `self.accumulate` (ops.hessian_accumulate) in one pass."""
-        acc = {name: torch.zeros(1, m.in_features, m.in_features, device=self.device)
-               for name, m in modules.items()}
-        rows = {name: 0 for name in modules}
-
+    def observe_inputs(self, modules: dict[str, nn.Linear],
+                       on_input: Callable[[str, torch.Tensor], None]) -> None:
+        """Run the layer over every calibration input once, calling on_input(name, x) with
+        the 2-D input x of each module (forward pre-hooks, removed afterwards)."""
         def hook(name):
-            def fn(_module, args):
-                x = args[0].reshape(-1, args[0].shape[-1])
-                with self.timer("hessian", self.device):
-                    self.accumulate(acc[name], x, None, 1.0)
-                rows[name] += x.shape[0]
-            return fn
+            return lambda _module, args: on_input(name, args[0].reshape(-1, args[0].shape[-1]))
 
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
         try:
@@ -152,6 +144,21 @@ class LayerWork:
         finally:
             for h in handles:
                 h.remove()
+
+    @torch.no_grad()
+    def hessians(self, modules: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+        """H = mean over calibration tokens of x x^T for the input x of each module, fp32,
+        accumulated with `self.accumulate` (ops.hessian_accumulate) in one pass."""
+        acc = {name: torch.zeros(1, m.in_features, m.in_features, device=self.device)
+               for name, m in modules.items()}
+        rows = {name: 0 for name in modules}
+
+        def add(name, x):
+            with self.timer("hessian", self.device):
+                self.accumulate(acc[name], x, None, 1.0)
+            rows[name] += x.shape[0]
+
+        self.observe_inputs(modules, add)
         return {name: acc[name][0] / max(rows[name], 1) for name in modules}
 
 

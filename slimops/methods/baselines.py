@@ -193,15 +193,7 @@ def input_stats(work: LayerWork, modules: dict[str, nn.Linear]) -> dict[str, Inp
     """Per-feature statistics of each module's input over the layer's calibration inputs,
     gathered by forward pre-hooks (as LayerWork.hessians does) in one pass."""
     stats = {n: InputStats(m.in_features, work.device) for n, m in modules.items()}
-    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: stats[n].update(args[0]))
-               for n, m in modules.items()]
-    try:
-        with work.timer("forward", work.device):
-            for hidden in work.inputs:
-                work.forward(hidden)
-    finally:
-        for h in handles:
-            h.remove()
+    work.observe_inputs(modules, lambda name, x: stats[name].update(x))
     return stats
 
 
