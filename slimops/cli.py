@@ -92,6 +92,11 @@ def cmd_prune(args) -> None:
     from .schedules import parse_schedule
     pipeline.check_ratio(args.ratio)                          # all cheap checks first
     schedule = None if args.schedule is None else parse_schedule(args.schedule)
+    if args.align is not None:
+        from .methods.align import check_align
+        check_align(args.align)
+        if args.align != 1 and args.method != "slimgpt":
+            raise ValueError(f"--align is implemented for slimgpt only, not {args.method}")
     pipeline.resolve_model_path(args.model)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:

@@ -39,6 +39,8 @@ def test_prune_then_eval(saved_tiny_model, text_file, tmp_path, capsys):
     (["--calib", "/nonexistent/file.txt"], "neither"),
     (["--nsamples", "100000"], "fewer than nsamples x seqlen"),
     (["--schedule", "quadratic"], "--schedule must be"),
+    (["--method", "magnitude", "--align", "8"], "slimgpt only"),
+    (["--align", "0"], "positive integer"),
 ])
 def test_bad_input_is_one_clear_line(saved_tiny_model, text_file, tmp_path, capsys, args,
                                      message):
@@ -76,3 +78,19 @@ def test_nonfinite_activations_are_reported(saved_tiny_model, text_file, tmp_pat
                  "--seqlen", "32", "--out", str(out)]) == 2
     assert "non-finite" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_prune_aligned_and_baseline(saved_tiny_model, text_file, tmp_path):
+    """--align 8 keeps every FFN width a multiple of 8 (or dense) and whole KV groups; a
+    baseline goes through the same CLI path; both hit the ratio within a point."""
+    for name, extra in (("aligned", ["--align", "8"]), ("flap", ["--method", "flap"])):
+        out = tmp_path / name
+        assert main(["prune", str(saved_tiny_model), "--ratio", "0.3", "--calib",
+                     str(text_file), "--nsamples", "8", "--seqlen", "32", "--out", str(out),
+                     "--json", str(tmp_path / f"{name}.json")] + extra) == 0
+        report = json.loads((tmp_path / f"{name}.json").read_text())
+        assert abs(report["achieved_ratio"] - 0.3) <= 0.01
+        if name == "aligned":
+            for shape in report["layer_shapes"]:
+                assert shape["intermediate_size"] % 8 == 0 or shape["intermediate_size"] == 160
+                assert shape["num_attention_heads"] == 2 * shape["num_key_value_heads"]
