@@ -8,7 +8,7 @@ of the row block, groups with no rows, a d=11008 column slice of a wider X (GPU 
 import pytest
 import torch
 
-from conftest import triton_kernels
+from conftest import HESSIAN_BAD_INPUTS, triton_kernels
 from slimops import ops  # noqa: F401  (registers the ops: C++ kernels or the reference)
 
 hessian_triton, needs_triton = triton_kernels("hessian")   # interpreted on CPU (conftest)
@@ -98,18 +98,6 @@ def test_triton_strided_x_and_ids_of_zeros():
     assert_rel_close(H1, H2, 1e-6)
 
 
-BAD_INPUTS = [
-    (lambda: (torch.zeros(1, 4, 4, dtype=torch.float64), torch.randn(3, 4), None), "H must be float32"),
-    (lambda: (torch.zeros(4, 4), torch.randn(3, 4), None), r"H must have shape \(G, d, d\)"),
-    (lambda: (torch.zeros(1, 4, 4), torch.randn(3, 5), None), "X has width 5 but H is 4 x 4"),
-    (lambda: (torch.zeros(1, 4, 4), torch.ones(3, 4, dtype=torch.int32), None), "X must be float32, bfloat16"),
-    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), None), "group_ids is None"),
-    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 3, 1])), r"must lie in \[0, G=3\)"),
-    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, -1, 1])), r"must lie in \[0, G=3\)"),
-    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 1])), r"group_ids must have shape \(T,\)"),
-    (lambda: (torch.zeros(2, 4, 4), torch.randn(3, 4), torch.tensor([0., 1., 1.])), "group_ids must be int64"),
-    (lambda: (torch.zeros(1, 4, 8)[:, :, ::2], torch.randn(3, 4), None), "H must be contiguous"),
-]
 
 
 def on_device(tensors):
@@ -117,7 +105,7 @@ def on_device(tensors):
 
 
 @needs_triton
-@pytest.mark.parametrize("make,match", BAD_INPUTS)
+@pytest.mark.parametrize("make,match", HESSIAN_BAD_INPUTS)
 def test_triton_bad_input(make, match):
     H, X, ids = on_device(make())
     with pytest.raises(RuntimeError, match=match):
@@ -177,7 +165,7 @@ def test_cuda_op_d11008_slice(dtype):
 
 
 @needs_cuda_op
-@pytest.mark.parametrize("make,match", BAD_INPUTS)
+@pytest.mark.parametrize("make,match", HESSIAN_BAD_INPUTS)
 def test_cuda_op_bad_input(make, match):
     H, X, ids = on_device(make())
     with pytest.raises(RuntimeError, match=match):

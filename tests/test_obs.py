@@ -10,7 +10,7 @@ a GPU and a CUDA build of slimops._C exist, on the real shapes (GQA groups of 1/
 import pytest
 import torch
 
-from conftest import triton_kernels
+from conftest import OBS_BAD_INPUTS, triton_kernels
 from slimops import ops  # registers the ops, with or without the extension
 from slimops.kernels.obs import reference as obs_ref
 
@@ -171,16 +171,7 @@ def test_triton_update_edges():
 
 
 @needs_triton
-@pytest.mark.parametrize("fn,args,match", [
-    ("obs_group_errors", lambda: (torch.randn(3, 5), torch.eye(4), torch.zeros(1, 2, dtype=torch.long)), "Hinv"),
-    ("obs_group_errors", lambda: (torch.randn(3, 4).double(), torch.eye(4).double(),
-                                  torch.zeros(1, 2, dtype=torch.long)), "must be float32"),
-    ("obs_group_errors", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 4]])), r"lie in \[0, d=4\)"),
-    ("obs_group_errors", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([0, 1])), r"shape \(B, s\)"),
-    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 1]])), "1-D"),
-    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([0., 1.])), "int64"),
-    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([-1])), r"lie in \[0, d=4\)"),
-])
+@pytest.mark.parametrize("fn,args,match", OBS_BAD_INPUTS)
 def test_triton_bad_input(fn, args, match):
     with pytest.raises(RuntimeError, match=match):
         getattr(obs_triton, fn)(*(t.to(DEV) for t in args()))

@@ -8,6 +8,7 @@ a 4096-row chunk), groups with no rows.
 import pytest
 import torch
 
+from conftest import HESSIAN_BAD_INPUTS, OBS_BAD_INPUTS
 from slimops import ops
 from slimops.kernels.hessian import reference as hessian_ref
 from slimops.kernels.obs import reference as obs_ref
@@ -89,17 +90,7 @@ def test_hessian_matches_reference_and_flattens():
     assert_rel_close(H1, H2, 1e-6)
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: (torch.zeros(1, 4, 4, dtype=torch.float64), torch.randn(3, 4), None), "H must be float32"),
-    (lambda: (torch.zeros(4, 4), torch.randn(3, 4), None), r"H must have shape \(G, d, d\)"),
-    (lambda: (torch.zeros(1, 4, 4), torch.randn(3, 5), None), "X has width 5 but H is 4 x 4"),
-    (lambda: (torch.zeros(1, 4, 4), torch.ones(3, 4, dtype=torch.int32), None), "X must be float32, bfloat16"),
-    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), None), "group_ids is None"),
-    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 3, 1])), r"must lie in \[0, G=3\)"),
-    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, -1, 1])), r"must lie in \[0, G=3\)"),
-    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 1])), r"group_ids must have shape \(T,\)"),
-    (lambda: (torch.zeros(2, 4, 4), torch.randn(3, 4), torch.tensor([0., 1., 1.])), "group_ids must be int64"),
-])
+@pytest.mark.parametrize("make,match", HESSIAN_BAD_INPUTS)
 def test_hessian_bad_input(make, match):
     H, X, ids = make()
     with pytest.raises(RuntimeError, match=match):
@@ -182,16 +173,7 @@ def test_obs_update_non_pd_leaves_inputs_unchanged():
     assert torch.equal(W, W0) and torch.equal(Hinv, Hinv0)
 
 
-@pytest.mark.parametrize("op,args,match", [
-    ("obs_group_errors", lambda: (torch.randn(3, 5), torch.eye(4), torch.zeros(1, 2, dtype=torch.long)), "Hinv"),
-    ("obs_group_errors", lambda: (torch.randn(3, 4).double(), torch.eye(4).double(),
-                                  torch.zeros(1, 2, dtype=torch.long)), "must be float32"),
-    ("obs_group_errors", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 4]])), r"lie in \[0, d=4\)"),
-    ("obs_group_errors", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([0, 1])), r"shape \(B, s\)"),
-    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 1]])), "1-D"),
-    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([0., 1.])), "int64"),
-    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([-1])), r"lie in \[0, d=4\)"),
-])
+@pytest.mark.parametrize("op,args,match", OBS_BAD_INPUTS)
 def test_obs_bad_input(op, args, match):
     with pytest.raises(RuntimeError, match=match):
         getattr(torch.ops.slimops, op)(*args())
