@@ -15,18 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Dense peak TFLOP/s (datasheet); the H200 has the H100 SXM's compute.
-PEAKS = {"H100 PCIe": {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51},
-         "H100": {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67},
-         "H200": {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67}}
-
+from device_peaks import DTYPES, device_string, peak_tflops
 
 def parse_args():
     gpu = torch.cuda.is_available()
@@ -90,25 +84,6 @@ def median_seconds(fn, H, X, repeats):
             fn(H, X)
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def device_string(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    # OMP_WAIT_POLICY decides the C++ kernel's speed on a loaded machine (hessian.cpp): record it.
-    return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
-
-
-def peak_tflops(device, dtype):
-    if device != "cuda":
-        return None
-    key = dtype if dtype != "fp32" or torch.get_float32_matmul_precision() == "highest" else "tf32"
-    name = torch.cuda.get_device_name()
-    for model, peaks in PEAKS.items():  # "H100 PCIe" is listed before "H100"
-        if model in name:
-            return peaks[key]
-    return None
 
 
 def run(args):

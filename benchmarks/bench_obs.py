@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
 
-HBM_TBS = {"H100 PCIe": 2.0, "H100": 3.35, "H200": 4.8}  # datasheet; "H100 PCIe" matched first
+from device_peaks import device_string, peak_tbs
+
 SCORING = [(32, 128), (256, 64)]  # (blocks, s)
 
 
@@ -113,7 +113,7 @@ def run(args):
     names = args.backends or ["torch", "cpp", "cuda"] + (["triton"] if device == "cuda" else [])
     fns = backend_ops(names, device)
     gen = torch.Generator().manual_seed(0)
-    hbm = next((tbs for k, tbs in HBM_TBS.items() if device == "cuda" and k in torch.cuda.get_device_name()), None)
+    hbm = peak_tbs(device)
     rows = []
 
     def add(case, name, t, t_base, nbytes=None):
@@ -147,15 +147,6 @@ def run(args):
         for name, (_, update) in fns.items():
             add(case, name, median_seconds(update, (W, Hinv, idx), restore, args.repeats), t_base, nbytes)
     return rows, device_string(device)
-
-
-def device_string(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    # on a loaded 2-core machine OpenMP's spin-waiting can stall a batched LAPACK call for
-    # seconds (seen here: 2 s instead of 10 ms); OMP_WAIT_POLICY=PASSIVE avoids it: record it
-    return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
 
 def print_table(rows, device):

@@ -19,18 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Datasheet peaks: dense TFLOP/s per dtype, HBM TB/s. "H100 PCIe" is matched before "H100".
-PEAKS = {"H100 PCIe": ({"bf16": 756, "fp16": 756, "fp32": 51}, 2.0),
-         "H100": ({"bf16": 989, "fp16": 989, "fp32": 67}, 3.35),
-         "H200": ({"bf16": 989, "fp16": 989, "fp32": 67}, 4.8)}
+from device_peaks import DTYPES, device_string, peak_tbs, peak_tflops
+
 MODES = ("in-ch", "in-head", "out")
 
 
@@ -126,22 +122,14 @@ def traffic(X, W, in_idx, out_idx, in_block):
 
 def device_info(device, dtype):
     """(device string, peak TFLOP/s or None, peak TB/s or None)."""
-    if device != "cuda":
-        # OMP_WAIT_POLICY decides BLAS speed on a loaded machine (csrc/hessian/hessian.cpp).
-        return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"), None, None
-    name = torch.cuda.get_device_name()
-    for model, (flops, tbs) in PEAKS.items():
-        if model in name:
-            return name, flops[dtype], tbs
-    return name, None, None
+    return device_string(device), peak_tflops(device, dtype), peak_tbs(device)
 
 
 def run(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     names = args.backends or ["cpp", "cuda"] + (["triton"] if device == "cuda" else [])
     fns = backend_fns(names, device)
-    dev, peak_tf, peak_tbs = device_info(device, args.dtype)
+    dev, peak_tf, peak_bw = device_info(device, args.dtype)
     Ts = ([("prefill", args.prefill)] if args.prefill else []) + [("decode", t) for t in args.decode]
     rows = []
     for mode in args.modes:
@@ -155,7 +143,7 @@ def run(args):
                 rows.append({"mode": mode, "phase": phase, "T": T, "backend": name, "dtype": args.dtype,
                              "ms": t * 1e3, "tflops": tf, "gbs": gbs,
                              "pct_peak_flops": None if peak_tf is None else 100 * tf / peak_tf,
-                             "pct_peak_bw": None if peak_tbs is None else 100 * gbs / (peak_tbs * 1e3),
+                             "pct_peak_bw": None if peak_bw is None else 100 * gbs / (peak_bw * 1e3),
                              "vs_dense": base["dense"] / t, "vs_gather": base["gather"] / t})
             del prob
     return rows, dev
