@@ -121,3 +121,18 @@ OBS_BAD_INPUTS = [
     ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([0., 1.])), "int64"),
     ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([-1])), r"lie in \[0, d=4\)"),
 ]
+
+
+def make_hessian_case(T, d, G, empty_group=None, dtype=torch.float32, device="cpu", seed=0):
+    """(H, X, group ids) for hessian_accumulate: random X (T x d), a random non-symmetric H
+    start (the op must add, not overwrite), G groups with `empty_group` left without rows."""
+    gen = torch.Generator().manual_seed(seed + T * 1000 + d)
+    X = torch.randn(T, d, generator=gen).to(dtype)
+    H = torch.randn(G, d, d, generator=gen)  # not symmetric: the op must add, not overwrite
+    ids = None
+    if G > 1:
+        ids = torch.randint(0, G, (T,), generator=gen)
+        if empty_group is not None:
+            ids[ids == empty_group] = (empty_group + 1) % G
+        ids = ids.to(device)
+    return H.to(device), X.to(device), ids

@@ -8,7 +8,7 @@ of the row block, groups with no rows, a d=11008 column slice of a wider X (GPU 
 import pytest
 import torch
 
-from conftest import HESSIAN_BAD_INPUTS, triton_kernels
+from conftest import HESSIAN_BAD_INPUTS, make_hessian_case, triton_kernels
 from slimops import ops  # noqa: F401  (registers the ops: C++ kernels or the reference)
 
 hessian_triton, needs_triton = triton_kernels("hessian")   # interpreted on CPU (conftest)
@@ -34,16 +34,7 @@ def hessian_fp64(H0, X, group_ids, scale):
 
 
 def make_case(T, d, G, empty_group=None, dtype=torch.float32, device=DEVICE, seed=0):
-    gen = torch.Generator().manual_seed(seed + T * 1000 + d)
-    X = torch.randn(T, d, generator=gen).to(dtype)
-    H = torch.randn(G, d, d, generator=gen)  # not symmetric: the op must add, not overwrite
-    ids = None
-    if G > 1:
-        ids = torch.randint(0, G, (T,), generator=gen)
-        if empty_group is not None:
-            ids[ids == empty_group] = (empty_group + 1) % G
-        ids = ids.to(device)
-    return H.to(device), X.to(device), ids
+    return make_hessian_case(T, d, G, empty_group, dtype, device, seed)
 
 
 # bf16/fp16 products are exact in fp32, so on CPU every case is held to the fp32 accumulation

@@ -8,7 +8,7 @@ a 4096-row chunk), groups with no rows.
 import pytest
 import torch
 
-from conftest import HESSIAN_BAD_INPUTS, OBS_BAD_INPUTS
+from conftest import HESSIAN_BAD_INPUTS, OBS_BAD_INPUTS, make_hessian_case
 from slimops import ops
 from slimops.kernels.hessian import reference as hessian_ref
 from slimops.kernels.obs import reference as obs_ref
@@ -48,14 +48,7 @@ def hessian_fp64(H0, X, group_ids, scale):
     (700, 513, 3, 1), (257, 64, 4, 0), (9000, 37, 2, None),  # last: groups span 2 chunks
 ])
 def test_hessian_matches_fp64(T, d, G, empty_group):
-    gen = torch.Generator().manual_seed(T * 1000 + d)
-    X = torch.randn(T, d, generator=gen)
-    H = torch.randn(G, d, d, generator=gen)  # not symmetric: the op must add, not overwrite
-    ids = None
-    if G > 1:
-        ids = torch.randint(0, G, (T,), generator=gen)
-        if empty_group is not None:
-            ids[ids == empty_group] = (empty_group + 1) % G
+    H, X, ids = make_hessian_case(T, d, G, empty_group)
     expected = hessian_fp64(H, X, ids, 0.5)
     ops.hessian_accumulate(H, X, ids, scale=0.5)
     assert_rel_close(H, expected, 1e-5)
