@@ -105,11 +105,26 @@ _PY_KERNELS = {"hessian_accumulate": _hessian_accumulate_py, "obs_group_errors":
                "obs_group_update": _obs_group_update_py, "slice_gemm": _slice_gemm_py}
 # Define what the extension did not (all of it without _C) and give every op a CPU kernel:
 # an op whose C++ kernel is not written yet runs its reference instead of failing.
+BACKENDS = ("cpu", "triton", "cuda")
+
+
+def has_kernel(op: str, backend: str) -> bool:
+    """Whether `op` has a kernel for `backend` here: "cpu" / "cuda" ask torch's dispatcher
+    for a kernel under that dispatch key (the C++ extension, or the reference fallback
+    registered below); "triton" asks whether Triton can run now (a GPU, or the interpreter)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "triton":
+        return _triton_status().startswith("available")
+    # The one place slimops asks the dispatcher directly: torch has no public equivalent.
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"slimops::{op}", backend.upper())
+
+
 _LIB = torch.library.Library("slimops", "FRAGMENT")  # kept alive: dropping it unregisters
 for _name, _fn in _PY_KERNELS.items():
-    if not torch._C._dispatch_has_kernel(f"slimops::{_name}") and not hasattr(torch.ops.slimops, _name):
+    if not hasattr(torch.ops.slimops, _name):    # no extension: define the schema here
         _LIB.define(_name + SCHEMAS[_name])
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"slimops::{_name}", "CPU"):
+    if not has_kernel(_name, "cpu"):
         _LIB.impl(_name, _fn, "CPU")
 
 
@@ -141,8 +156,6 @@ def _(X, W, bias, in_idx, out_idx, in_block):
 # two GPU paths; which one is faster is a measurement (benchmarks/RESULTS.md). Until one is
 # recorded the CUDA-extension kernel is preferred when built, else Triton.
 # SLIMOPS_BACKEND=cpu|triton|cuda forces one (Triton runs on CPU under TRITON_INTERPRET=1).
-BACKENDS = ("cpu", "triton", "cuda")
-MEASURED_GPU_BACKEND: dict[str, str] = {}          # op -> backend, from benchmark runs
 _TRITON_MODULES = {"hessian_accumulate": "hessian", "obs_group_errors": "obs",
                    "obs_group_update": "obs", "slice_gemm": "slice_gemm"}
 
@@ -153,23 +166,19 @@ def _triton_kernel(op: str):
     return getattr(module, op)
 
 
-def _has_cuda_kernel(op: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"slimops::{op}", "CUDA")
-
-
 def backend_for(op: str, device: torch.device) -> str:
     forced = os.environ.get("SLIMOPS_BACKEND", "")
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"SLIMOPS_BACKEND={forced!r}: choose one of {', '.join(BACKENDS)}")
-        if forced == "cuda" and not _has_cuda_kernel(op):
+        if forced == "cuda" and not has_kernel(op, "cuda"):
             raise RuntimeError(f"SLIMOPS_BACKEND=cuda but {op} has no CUDA kernel: {backends()['cuda']}")
         if forced != "triton" and (forced == "cuda") != (device.type == "cuda"):
             raise RuntimeError(f"SLIMOPS_BACKEND={forced} cannot run {op} on {device} tensors")
         return forced
     if device.type != "cuda":
         return "cpu"
-    return MEASURED_GPU_BACKEND.get(op, "cuda" if _has_cuda_kernel(op) else "triton")
+    return "cuda" if has_kernel(op, "cuda") else "triton"
 
 
 def _dispatch(op: str, device: torch.device, *args):

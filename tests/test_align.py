@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from slimops.methods import slimgpt
 from slimops.methods.align import (aligned_removal, check_align, default_align, fit_ratios,
                                    kept_widths)

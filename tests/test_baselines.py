@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import slimops
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from slimops.methods import baselines, flap, taylor
 from slimops.methods.baselines import BaselineConfig, UnitScores
 from slimops.models import get_adapter

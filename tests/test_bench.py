@@ -4,25 +4,19 @@ a hand count and torch's FLOP counter, exactly `gen` tokens, one generate code p
 dense and pruned, one-line errors."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))   # share the tiny-model helpers
-from conftest import make_tiny_model, make_tiny_tokenizer  # noqa: E402
-from test_slicing import random_gqa_plan  # noqa: E402
+from helpers import ROOT, load_benchmark, make_tiny_model, make_tiny_tokenizer, random_gqa_plan
 
-from slimops.checkpoint import save_pruned  # noqa: E402
-from slimops.cli import main  # noqa: E402
-from slimops.evaluation import throughput as tp  # noqa: E402
-from slimops.slicing import apply_plan  # noqa: E402
+from slimops.checkpoint import save_pruned
+from slimops.cli import main
+from slimops.evaluation import throughput as tp
+from slimops.slicing import apply_plan
 
-ROOT = Path(__file__).resolve().parent.parent
 SPEEDUP_LINE = re.compile(r"^speedup decode (\d+\.\d\d) prefill (\d+\.\d\d)$")
 FAST = ["--gen", "4", "--prompt", "16", "--repeats", "2", "--warmup", "1"]
 # conftest's tiny llama: hidden 64, head_dim 16, 4 query / 2 KV heads, FFN 160, 3 layers,
@@ -228,11 +222,7 @@ def test_fp16_on_cpu_is_allowed_with_a_note():
 # ---- benchmarks/make_shaped_model.py ------------------------------------------------------
 @pytest.fixture(scope="module")
 def shaped():
-    spec = importlib.util.spec_from_file_location(
-        "make_shaped_model", ROOT / "benchmarks" / "make_shaped_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("make_shaped_model")
 
 
 def test_make_shaped_model_builds_a_loadable_model(shaped, tmp_path, capsys):

@@ -1,13 +1,10 @@
 """The quality harness end to end on a tiny saved model: every requested method x ratio runs,
 and the table, JSON and plot are written with numbers that belong to the runs."""
 import json
-import sys
-from pathlib import Path
 
-from conftest import SAMPLE_TEXT
+from helpers import SAMPLE_TEXT, load_benchmark
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-import bench_quality  # noqa: E402
+bench_quality = load_benchmark("bench_quality")
 
 
 def test_harness_writes_table_json_plot(saved_tiny_model, tmp_path):

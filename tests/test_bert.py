@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import BLOCK_SLIMOPS
+from helpers import BLOCK_SLIMOPS
 
 import slimops
 from slimops import checkpoint

@@ -11,15 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))   # share the tiny-model helpers
-from conftest import BLOCK_SLIMOPS  # noqa: E402
-from test_slicing import input_ids, logits, random_gqa_plan, tiny_model  # noqa: E402
+from helpers import BLOCK_SLIMOPS, input_ids, logits, make_tiny_model, random_gqa_plan
 
-import slimops  # noqa: E402
-from slimops import checkpoint  # noqa: E402
-from slimops.models import get_adapter  # noqa: E402
-from slimops.plan import LayerPlan, PruningPlan  # noqa: E402
-from slimops.slicing import apply_plan  # noqa: E402
+import slimops
+from slimops import checkpoint
+from slimops.models import get_adapter
+from slimops.plan import LayerPlan, PruningPlan
+from slimops.slicing import apply_plan
 
 TEXTS = ["def prune(model, ratio=0.25):\n    return model  # 2024 tokens",
          "the  quick\tbrown fox 12345 jumps\n\nover 3.14"]
@@ -39,8 +37,8 @@ def uniform_plan(model, heads, kv, channels) -> PruningPlan:
 
 # name -> (family, plan builder, dtype, per-layer remote code expected)
 CASES = {
-    "llama_mha": ("llama_mha", random_gqa_plan, torch.float32, True),
-    "llama_gqa_bf16": ("llama_gqa", random_gqa_plan, torch.bfloat16, True),
+    "llama-mha": ("llama-mha", random_gqa_plan, torch.float32, True),
+    "llama_gqa_bf16": ("llama", random_gqa_plan, torch.bfloat16, True),
     "mistral": ("mistral", random_gqa_plan, torch.float32, True),
     "qwen2": ("qwen2", random_gqa_plan, torch.float32, True),
     "qwen3": ("qwen3", random_gqa_plan, torch.float32, True),
@@ -48,12 +46,12 @@ CASES = {
     "qwen2_uniform": ("qwen2", lambda m: uniform_plan(m, [0, 3], [0, 1], list(range(64))),
                       torch.float32, False),
     # same shape everywhere, but LlamaConfig refuses 64 % 3 heads -> still remote code
-    "llama_uniform_3heads": ("llama_mha", lambda m: uniform_plan(m, [0, 1, 3], [0, 1, 3],
+    "llama_uniform_3heads": ("llama-mha", lambda m: uniform_plan(m, [0, 1, 3], [0, 1, 3],
                                                                  list(range(80))),
                              torch.float32, True),
     # FLAP-style biases the stock family lacks: always remote code, even for a shape
     # (qwen2_uniform's) that would otherwise be a stock checkpoint
-    "llama_extra_bias": ("llama_gqa", random_gqa_plan, torch.float32, True),
+    "llama_extra_bias": ("llama", random_gqa_plan, torch.float32, True),
     "qwen2_extra_bias": ("qwen2", lambda m: uniform_plan(m, [0, 3], [0, 1], list(range(64))),
                          torch.float32, True),
 }
@@ -101,7 +99,7 @@ def saved(tmp_path_factory):
     root, tok = tmp_path_factory.mktemp("ckpts"), build_tokenizer()
     out = {}
     for name, (family, make_plan, dtype, _) in CASES.items():
-        model = tiny_model(family)
+        model = make_tiny_model(family, perturb=True)
         plan = make_plan(model)
         add_biases(apply_plan(model, plan), EXTRA_BIASES.get(name, ())).to(dtype)
         path = slimops.save_pruned(model, root / name, tokenizer=tok, plan=plan,
@@ -225,7 +223,7 @@ def test_resave_loaded_checkpoint(saved, tmp_path):
 # ---- atomic writes ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small():
-    model = tiny_model("llama_gqa", layers=2)
+    model = make_tiny_model("llama", layers=2, perturb=True)
     return apply_plan(model, random_gqa_plan(model))
 
 
@@ -234,7 +232,7 @@ def _boom(*args, **kwargs):
 
 
 def test_failed_save_leaves_nothing(small, tmp_path, monkeypatch):
-    plan = random_gqa_plan(tiny_model("llama_gqa", layers=2))
+    plan = random_gqa_plan(make_tiny_model("llama", layers=2, perturb=True))
     monkeypatch.setattr(PruningPlan, "to_json", _boom)    # fails after the weights are written
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save_pruned(small, tmp_path / "out", plan=plan)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import SAMPLE_TEXT
+from helpers import SAMPLE_TEXT
 from slimops.cli import main
 
 

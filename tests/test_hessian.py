@@ -8,21 +8,13 @@ of the row block, groups with no rows, a d=11008 column slice of a wider X (GPU 
 import pytest
 import torch
 
-from conftest import HESSIAN_BAD_INPUTS, make_hessian_case, triton_kernels
+from helpers import (DEVICE, HESSIAN_BAD_INPUTS, assert_rel_close, make_hessian_case, needs_cuda,
+                     needs_cuda_op, triton_kernels)
 from slimops import ops  # noqa: F401  (registers the ops: C++ kernels or the reference)
 
 hessian_triton, needs_triton = triton_kernels("hessian")   # interpreted on CPU (conftest)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-
-
-def assert_rel_close(actual, expected, tol):
-    """max |actual - expected| <= tol * max |expected|."""
-    actual, expected = actual.double(), expected.double()
-    err = ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
 
 
 def hessian_fp64(H0, X, group_ids, scale):
@@ -119,26 +111,20 @@ def test_triton_cuda_large_and_no_fp32_copy():
 
 # --- CUDA kernel (torch.ops.slimops on cuda tensors) -------------------------------------------
 
-def has_cuda_kernel():
-    return torch._C._dispatch_has_kernel_for_dispatch_key("slimops::hessian_accumulate", "CUDA")
-
-
-needs_cuda_op = pytest.mark.skipif(not torch.cuda.is_available() or not has_cuda_kernel(),
-                                   reason="needs a CUDA GPU and a CUDA kernel for slimops::hessian_accumulate")
 
 
 def cuda_op(H, X, ids, scale):
     torch.ops.slimops.hessian_accumulate(H, X, ids, scale)
 
 
-@needs_cuda_op
+@needs_cuda_op("hessian_accumulate")
 @pytest.mark.parametrize("T,d,G,empty_group,dtype", CASES + [
     (4099, 300, 3, 1, torch.float32), (4099, 300, 3, 1, torch.bfloat16), (257, 65, 4, 0, torch.float16)])
 def test_cuda_op_matches_fp64(T, d, G, empty_group, dtype):
     run_and_check(cuda_op, T, d, G, empty_group, dtype)
 
 
-@needs_cuda_op
+@needs_cuda_op("hessian_accumulate")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_op_d11008_slice(dtype):
     # LLaMA-7B FFN width, as a column slice of a wider X (row stride 11013, not 11008).
@@ -155,7 +141,7 @@ def test_cuda_op_d11008_slice(dtype):
         assert_rel_close(H[0], expected, LOW_PRECISION_GPU_TOL if dtype != torch.float32 else 1e-5)
 
 
-@needs_cuda_op
+@needs_cuda_op("hessian_accumulate")
 @pytest.mark.parametrize("make,match", HESSIAN_BAD_INPUTS)
 def test_cuda_op_bad_input(make, match):
     H, X, ids = on_device(make())
@@ -163,7 +149,7 @@ def test_cuda_op_bad_input(make, match):
         torch.ops.slimops.hessian_accumulate(H, X, ids, 1.0)
 
 
-@needs_cuda_op
+@needs_cuda_op("hessian_accumulate")
 def test_cuda_opcheck():
     H, X, ids = make_case(100, 37, 3, 1, torch.bfloat16)
     torch.library.opcheck(torch.ops.slimops.hessian_accumulate, (H, X, ids, 0.5), test_utils=OPCHECK_UTILS)

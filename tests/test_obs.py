@@ -10,33 +10,14 @@ a GPU and a CUDA build of slimops._C exist, on the real shapes (GQA groups of 1/
 import pytest
 import torch
 
-from conftest import OBS_BAD_INPUTS, triton_kernels
+from helpers import DEVICE, OBS_BAD_INPUTS, assert_rel_close, needs_cuda_op, spd, triton_kernels
 from slimops import ops  # registers the ops, with or without the extension
 from slimops.kernels.obs import reference as obs_ref
 
 obs_triton, needs_triton = triton_kernels("obs")   # interpreted on CPU (conftest)
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _cuda_build() -> bool:
-    return torch.cuda.is_available() and ops._EXT_ERROR is None and torch.ops.slimops._build_info() == "cuda"
-
-
-needs_cuda = pytest.mark.skipif(not _cuda_build(), reason="needs a GPU and a CUDA build of slimops._C")
-
-
-def assert_rel_close(actual, expected, tol, what=""):
-    """max |actual - expected| <= tol * max |expected| (fp32 kernels vs fp64 maths)."""
-    actual, expected = actual.double(), expected.double()
-    err = ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-    assert err <= tol, f"{what} relative error {err:.2e} > {tol:.0e}"
-
-
-def spd(d, gen, cond=10.0, device="cpu"):
-    """A well-conditioned SPD matrix in float64 (eigenvalues in [1, cond])."""
-    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=gen).to(device))
-    return Q @ torch.diag(torch.linspace(1.0, cond, d, dtype=torch.float64, device=device)) @ Q.T
 
 
 def errors_fp64(W, Hinv, groups):
@@ -46,11 +27,11 @@ def errors_fp64(W, Hinv, groups):
 
 
 def problem(r, d, gen):
-    """(H fp64, W fp32, Hinv fp32 exactly symmetric) on DEV."""
+    """(H fp64, W fp32, Hinv fp32 exactly symmetric) on DEVICE."""
     H = spd(d, gen)
     Hinv = torch.linalg.inv(H).float()
     Hinv = (Hinv + Hinv.T) / 2  # the solver's Hinv comes from cholesky_inverse: symmetric
-    return H.to(DEV), torch.randn(r, d, generator=gen).to(DEV), Hinv.to(DEV)
+    return H.to(DEVICE), torch.randn(r, d, generator=gen).to(DEVICE), Hinv.to(DEVICE)
 
 
 def kept(d, removed):
@@ -66,7 +47,7 @@ def kept(d, removed):
 def test_triton_block_cholesky_inverse(d, s, B):
     gen = torch.Generator().manual_seed(d + s)
     _, _, Hinv = problem(1, d, gen)
-    groups = torch.stack([torch.randperm(d, generator=gen)[:s] for _ in range(B)]).to(DEV)
+    groups = torch.stack([torch.randperm(d, generator=gen)[:s] for _ in range(B)]).to(DEVICE)
     linv, info = obs_triton.block_cholesky_inverse(Hinv, groups)
     blocks = Hinv.double()[groups.unsqueeze(2), groups.unsqueeze(1)]
     assert info.dtype == torch.int32 and (info == 0).all()
@@ -78,7 +59,7 @@ def test_triton_block_cholesky_inverse(d, s, B):
 def test_triton_errors_match_brute_force(r, d, s):
     gen = torch.Generator().manual_seed(r * 100 + d)
     _, W, Hinv = problem(r, d, gen)
-    groups = torch.randperm(d, generator=gen)[: (d // s) * s].view(-1, s).to(DEV)
+    groups = torch.randperm(d, generator=gen)[: (d // s) * s].view(-1, s).to(DEVICE)
     err = obs_triton.obs_group_errors(W, Hinv, groups)
     assert err.shape == (groups.shape[0],) and err.dtype == torch.float32
     assert_rel_close(err, errors_fp64(W, Hinv, groups), 1e-4)
@@ -90,7 +71,7 @@ def test_triton_errors_match_brute_force(r, d, s):
 def test_triton_errors_strided_inputs_and_edges():
     gen = torch.Generator().manual_seed(1)
     _, W, Hinv = problem(70, 40, gen)
-    groups = torch.arange(40, device=DEV).view(4, 10)
+    groups = torch.arange(40, device=DEVICE).view(4, 10)
     Wt = W.t().contiguous().t()  # same values, column-major strides
     err = obs_triton.obs_group_errors(Wt, Hinv.t(), groups)
     assert_rel_close(err, errors_fp64(W, Hinv, groups), 1e-4)
@@ -103,8 +84,8 @@ def test_triton_errors_strided_inputs_and_edges():
 def test_triton_errors_inf_for_non_pd_block(s):
     gen = torch.Generator().manual_seed(3)
     _, W, Hinv = problem(3, 3 * s, gen)
-    Hinv[s:2 * s, s:2 * s] = -torch.eye(s, device=DEV)  # group 1's block is negative definite
-    err = obs_triton.obs_group_errors(W, Hinv, torch.arange(3 * s, device=DEV).view(3, s))
+    Hinv[s:2 * s, s:2 * s] = -torch.eye(s, device=DEVICE)  # group 1's block is negative definite
+    err = obs_triton.obs_group_errors(W, Hinv, torch.arange(3 * s, device=DEVICE).view(3, s))
     assert torch.isinf(err[1]) and err[1] > 0
     assert torch.isfinite(err[[0, 2]]).all()
 
@@ -116,7 +97,7 @@ def test_triton_errors_inf_for_non_pd_block(s):
 def test_triton_update_matches_reference_and_schur(r, d, s):
     gen = torch.Generator().manual_seed(r * 100 + d)
     H, W, Hinv = problem(r, d, gen)
-    idx = torch.randperm(d, generator=gen)[:s].to(DEV)
+    idx = torch.randperm(d, generator=gen)[:s].to(DEVICE)
     W64, Hinv64 = W.double(), Hinv.double()
     obs_ref.group_update(W64, Hinv64, idx)
     info = obs_triton.obs_group_update(W, Hinv, idx)
@@ -135,7 +116,7 @@ def test_triton_chained_updates_stay_symmetric_and_schur():
     d, s = 100, 7
     H, W, Hinv = problem(5, d, gen)
     W64, Hinv64 = W.double(), Hinv.double()
-    order = torch.randperm(d, generator=gen).to(DEV)
+    order = torch.randperm(d, generator=gen).to(DEVICE)
     for step in range(5):
         idx = order[step * s:(step + 1) * s]
         assert int(obs_triton.obs_group_update(W, Hinv, idx)) == 0
@@ -153,7 +134,7 @@ def test_triton_update_non_pd_leaves_inputs_unchanged(s):
     _, W, Hinv = problem(4, s + 10, gen)
     Hinv[2:2 + s, 2:2 + s] = 0.0  # singular block: not positive definite
     W0, Hinv0 = W.clone(), Hinv.clone()
-    info = obs_triton.obs_group_update(W, Hinv, torch.arange(2, 2 + s, device=DEV))
+    info = obs_triton.obs_group_update(W, Hinv, torch.arange(2, 2 + s, device=DEVICE))
     assert info.shape == () and int(info) > 0
     assert torch.equal(W, W0) and torch.equal(Hinv, Hinv0)
 
@@ -163,9 +144,9 @@ def test_triton_update_edges():
     gen = torch.Generator().manual_seed(6)
     H, W, Hinv = problem(3, 20, gen)
     W0, Hinv0 = W.clone(), Hinv.clone()
-    assert int(obs_triton.obs_group_update(W, Hinv, torch.zeros(0, dtype=torch.long, device=DEV))) == 0
+    assert int(obs_triton.obs_group_update(W, Hinv, torch.zeros(0, dtype=torch.long, device=DEVICE))) == 0
     assert torch.equal(W, W0) and torch.equal(Hinv, Hinv0)
-    idx = torch.tensor([3, 11], device=DEV)
+    idx = torch.tensor([3, 11], device=DEVICE)
     assert int(obs_triton.obs_group_update(W[:0], Hinv, idx)) == 0  # r = 0: Hinv only
     assert_rel_close(Hinv[kept(20, idx)][:, kept(20, idx)], torch.linalg.inv(H[kept(20, idx)][:, kept(20, idx)]), 1e-4)
 
@@ -174,7 +155,7 @@ def test_triton_update_edges():
 @pytest.mark.parametrize("fn,args,match", OBS_BAD_INPUTS)
 def test_triton_bad_input(fn, args, match):
     with pytest.raises(RuntimeError, match=match):
-        getattr(obs_triton, fn)(*(t.to(DEV) for t in args()))
+        getattr(obs_triton, fn)(*(t.to(DEVICE) for t in args()))
 
 
 # --- CUDA (csrc/obs/cuda/obs.cu), and Triton, on the real shapes ------------------------------
@@ -186,7 +167,7 @@ def _gpu_backends():
     return fns
 
 
-@needs_cuda
+@needs_cuda_op("obs_group_errors")
 @pytest.mark.parametrize("heads_per_group", [1, 2, 4, 8])  # GQA: s = 64 .. 512 (> 128: fallback)
 def test_cuda_errors_gqa_groups(heads_per_group):
     gen = torch.Generator().manual_seed(heads_per_group)
@@ -199,7 +180,7 @@ def test_cuda_errors_gqa_groups(heads_per_group):
         assert_rel_close(errors(W, Hinv, groups), expected, 1e-4, name)
 
 
-@needs_cuda
+@needs_cuda_op("obs_group_errors")
 def test_cuda_update_d11008():
     gen = torch.Generator().manual_seed(11)
     d, s, r = 11008, 64, 256
@@ -220,7 +201,7 @@ def test_cuda_update_d11008():
         assert (W[:, idx] == 0).all() and (Hinv[idx] == 0).all() and (Hinv[:, idx] == 0).all()
 
 
-@needs_cuda
+@needs_cuda_op("obs_group_errors")
 def test_cuda_non_pd_and_opcheck():
     gen = torch.Generator().manual_seed(5)
     Hinv = torch.linalg.inv(spd(10, gen)).float().cuda()

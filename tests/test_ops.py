@@ -8,7 +8,7 @@ a 4096-row chunk), groups with no rows.
 import pytest
 import torch
 
-from conftest import HESSIAN_BAD_INPUTS, OBS_BAD_INPUTS, make_hessian_case
+from helpers import HESSIAN_BAD_INPUTS, OBS_BAD_INPUTS, assert_rel_close, make_hessian_case, spd
 from slimops import ops
 from slimops.kernels.hessian import reference as hessian_ref
 from slimops.kernels.obs import reference as obs_ref
@@ -16,20 +16,6 @@ from slimops.kernels.obs import reference as obs_ref
 # opcheck's autograd check needs inputs that require grad; these ops mutate their inputs
 # and are not differentiable, so it does not apply.
 OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-
-
-def assert_rel_close(actual, expected, tol):
-    """max |actual - expected| <= tol * max |expected| (fp32 kernels vs fp64 maths)."""
-    actual, expected = actual.double(), expected.double()
-    scale = expected.abs().max().clamp_min(1e-30)
-    err = ((actual - expected).abs().max() / scale).item()
-    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
-
-
-def spd(d, gen, cond=10.0):
-    """A well-conditioned SPD matrix in float64 (eigenvalues in [1, cond])."""
-    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=gen))
-    return Q @ torch.diag(torch.linspace(1.0, cond, d, dtype=torch.float64)) @ Q.T
 
 
 # --- hessian_accumulate ----------------------------------------------------------------------

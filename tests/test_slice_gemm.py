@@ -11,15 +11,12 @@ None / an odd unsorted subset; bias None / present; T = 1, 3, 37 (decode and a p
 import pytest
 import torch
 
-from conftest import triton_kernels
+from helpers import assert_rel_close, needs_cuda, needs_cuda_op, triton_kernels
 from slimops import ops  # noqa: F401  (registers the op: C++ kernel or the reference)
 from slimops.kernels.slice_gemm import reference as ref
 
 sg_triton, needs_triton = triton_kernels("slice_gemm")   # interpreted on CPU (conftest)
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-has_cuda_op = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "slimops::slice_gemm", "CUDA")
 OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 D_IN, D_OUT = 96, 45
 
@@ -54,12 +51,10 @@ def run(backend, *args):
     return torch.ops.slimops.slice_gemm(*args)
 
 
-def assert_rel_close(actual, expected, tol):
-    """max |actual - expected| <= tol * max |expected|."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    actual, expected = actual.double(), expected.double()
-    err = ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+def assert_same_close(actual, expected, tol):
+    """Same dtype as the reference (the op rounds to X's dtype once), then close."""
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype}"
+    assert_rel_close(actual, expected, tol)
 
 
 BACKENDS = ["cpu", pytest.param("triton", marks=needs_triton)]
@@ -72,7 +67,7 @@ BACKENDS = ["cpu", pytest.param("triton", marks=needs_triton)]
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matches_reference_fp32(backend, T, in_mode, out_subset, with_bias):
     args = make_case(T, in_mode, out_subset, with_bias)
-    assert_rel_close(run(backend, *args), ref.slice_gemm(*args), 1e-5)
+    assert_same_close(run(backend, *args), ref.slice_gemm(*args), 1e-5)
 
 
 # bf16: both sides accumulate in fp32 and round once; a different summation order may flip
@@ -82,7 +77,7 @@ def test_matches_reference_fp32(backend, T, in_mode, out_subset, with_bias):
 @pytest.mark.parametrize("in_mode", ["all", "some_heads", "channels", "block24"])
 def test_matches_reference_bf16(backend, T, in_mode):
     args = make_case(T, in_mode, True, True, dtype=torch.bfloat16)
-    assert_rel_close(run(backend, *args), ref.slice_gemm(*args), 8e-3)
+    assert_same_close(run(backend, *args), ref.slice_gemm(*args), 8e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,12 +101,12 @@ def test_wide_runs(backend, in_idx, T, dtype, tol):
     g = torch.Generator().manual_seed(1)
     X, W, bias = torch.randn(T, 512, generator=g), torch.randn(33, 512, generator=g), torch.randn(33, generator=g)
     args = (X.to(dtype), W.to(dtype), bias.to(dtype), torch.tensor(in_idx), torch.tensor([32, 0, 7, 8]), 32)
-    assert_rel_close(run(backend, *args), ref.slice_gemm(*args), tol)
+    assert_same_close(run(backend, *args), ref.slice_gemm(*args), tol)
 
 
 def test_ops_wrapper_dispatches_on_cpu():
     args = make_case(5, "some_heads", True, True)
-    assert_rel_close(ops.slice_gemm(*args), ref.slice_gemm(*args), 1e-5)
+    assert_same_close(ops.slice_gemm(*args), ref.slice_gemm(*args), 1e-5)
 
 
 def _bad_inputs():
@@ -168,7 +163,7 @@ def _llama_case(kind, T, dtype=torch.bfloat16):
 
 
 GPU_BACKENDS = [pytest.param("triton", marks=needs_triton),
-                pytest.param("cuda", marks=pytest.mark.skipif(not has_cuda_op, reason="no CUDA kernel built"))]
+                pytest.param("cuda", marks=needs_cuda_op("slice_gemm"))]
 
 
 @needs_cuda
@@ -177,7 +172,7 @@ GPU_BACKENDS = [pytest.param("triton", marks=needs_triton),
 @pytest.mark.parametrize("T", [1, 16, 2048])
 def test_gpu_llama_shapes(backend, kind, T):
     args = _llama_case(kind, T)
-    assert_rel_close(run(backend, *args), ref.slice_gemm(*args), 8e-3)
+    assert_same_close(run(backend, *args), ref.slice_gemm(*args), 8e-3)
 
 
 @needs_cuda
@@ -187,10 +182,10 @@ def test_gpu_llama_shapes(backend, kind, T):
 def test_gpu_small_cases(backend, in_mode, dtype, tol):
     for T in (1, 37):
         args = make_case(T, in_mode, True, True, dtype=dtype, device="cuda")
-        assert_rel_close(run(backend, *args), ref.slice_gemm(*args), tol)
+        assert_same_close(run(backend, *args), ref.slice_gemm(*args), tol)
 
 
-@pytest.mark.skipif(not has_cuda_op, reason="needs a GPU and the CUDA kernel")
+@needs_cuda_op("slice_gemm")
 def test_gpu_bad_input_checked_on_host():
     X, W = torch.randn(3, 96, device="cuda"), torch.randn(45, 96, device="cuda")
     with pytest.raises(RuntimeError, match="same dtype"):

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from slimops.methods import slimgpt
 from slimops.methods.obs_solver import ObsSolver, damp_hessian
 from slimops.methods.slimgpt_reference import ReferenceSolver

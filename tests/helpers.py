@@ -1,0 +1,210 @@
+"""What the tests share: tiny offline models and tokenizers, plans, numeric asserts, device
+markers and the per-op bad-input contracts. Fixtures live in conftest.py; tests import
+plain helpers from here (`from helpers import ...`), never from another test file."""
+from __future__ import annotations
+
+import importlib
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimops import ops
+from slimops.plan import LayerPlan, PruningPlan
+
+# --- devices -------------------------------------------------------------------------------
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"      # where the Triton tests run (interpreter on CPU)
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def needs_cuda_op(op: str):
+    """Skip unless a GPU is present and the C++ extension serves `op` on CUDA."""
+    return pytest.mark.skipif(not (HAS_CUDA and ops.has_kernel(op, "cuda")),
+                              reason=f"needs a CUDA GPU and a CUDA kernel for slimops::{op}")
+
+
+def triton_kernels(family: str):
+    """(kernels/<family>/triton.py or None, a skip marker for tests that need it)."""
+    try:
+        module, reason = importlib.import_module(f"slimops.kernels.{family}.triton"), ""
+    except ImportError as exc:
+        module, reason = None, f"triton not importable: {exc}"
+    return module, pytest.mark.skipif(module is None, reason=reason)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    """Import benchmarks/<name>.py as a module (benchmarks are scripts, not a package: their
+    folder goes on sys.path, as it is when they run, so their shared imports resolve)."""
+    folder = str(ROOT / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
+# --- numerics --------------------------------------------------------------------------------
+
+def assert_rel_close(actual, expected, tol, what=""):
+    """max |actual - expected| <= tol * max |expected| (kernels vs float64 maths)."""
+    assert actual.shape == expected.shape, f"{what} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual, expected = actual.double(), expected.double()
+    err = ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+    assert err <= tol, f"{what} relative error {err:.2e} > {tol:.0e}"
+
+
+def spd(d, gen, cond=10.0, device="cpu"):
+    """A well-conditioned SPD matrix in float64 (eigenvalues in [1, cond])."""
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=gen).to(device))
+    return Q @ torch.diag(torch.linspace(1.0, cond, d, dtype=torch.float64, device=device)) @ Q.T
+
+
+# --- tiny models, tokenizers, text ------------------------------------------------------------
+
+# family -> (config class, model class, config overrides). llama-mha has one query head per
+# KV group, the others two (4 query / 2 KV heads); qwen2 has q/k/v biases, qwen3 q/k norms.
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama-mha": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 4}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+}
+
+
+def make_tiny_model(family: str = "llama", layers: int = 3, seed: int = 0, perturb: bool = False,
+                    **overrides):
+    """A tiny random model of `family`: hidden 64, head_dim 16, 4 query / 2 KV heads, FFN 160,
+    vocab 256, untied lm_head. perturb=True adds noise to biases and norms, which HF's init
+    leaves trivial (zeros / ones), so tests that compare masked and sliced models see them."""
+    import transformers
+    cfg_name, model_name, extra = FAMILIES[family]
+    kwargs = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=256, tie_word_embeddings=False)
+    kwargs.update(extra)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**kwargs)).eval()
+    if perturb:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias") or "norm" in name:
+                    p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Python is a programming language that lets "
+    "you work quickly and integrate systems more effectively. A list is a mutable sequence; "
+    "a tuple is an immutable one. Dictionaries map keys to values. " * 8)
+
+
+def make_tiny_tokenizer(vocab_size: int = 256):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([SAMPLE_TEXT] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def input_ids(seed: int = 0, length: int = 12, vocab: int = 128) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, ids=None) -> torch.Tensor:
+    return model(input_ids() if ids is None else ids).logits
+
+
+def random_gqa_plan(model, seed: int = 0) -> PruningPlan:
+    """Valid GQA plan: layer 0 drops a whole KV group, layer 1 drops one query head from
+    every group (MHA: one head), the rest keep all heads; random FFN channels everywhere."""
+    from slimops.models import get_adapter
+    rng = random.Random(seed)
+    a = get_adapter(model)
+    nh, nkv, ffn = a.num_heads, a.num_kv_heads, a.intermediate_size
+    rep = nh // nkv
+    layers = []
+    for i in range(len(a.layers())):
+        kv = list(range(nkv))
+        if i == 0 or (i == 1 and rep == 1):
+            kv.remove(rng.randrange(nkv))
+            heads = [h for h in range(nh) if h // rep in kv]
+        elif i == 1:
+            heads = sorted(h for g in kv for h in rng.sample(range(g * rep, (g + 1) * rep), rep - 1))
+        else:
+            heads = list(range(nh))
+        channels = sorted(rng.sample(range(ffn), rng.randrange(ffn // 4, ffn)))
+        layers.append(LayerPlan(heads, kv, channels))
+    return PruningPlan(layers)
+
+
+# A checkpoint must load on a machine without slimops: child-process scripts start with this
+# prelude, which makes `import slimops` fail there (only the folder and transformers remain).
+BLOCK_SLIMOPS = r"""
+import importlib.abc, json, sys
+class BlockSlimops(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "slimops":
+            raise ImportError("slimops is blocked here")
+sys.meta_path.insert(0, BlockSlimops())
+try:
+    import slimops
+    sys.exit("slimops is importable in the child")
+except ImportError:
+    pass
+"""
+
+
+# --- op contracts: bad inputs and the error each backend must raise ---------------------------
+
+HESSIAN_BAD_INPUTS = [
+    (lambda: (torch.zeros(1, 4, 4, dtype=torch.float64), torch.randn(3, 4), None), "H must be float32"),
+    (lambda: (torch.zeros(4, 4), torch.randn(3, 4), None), r"H must have shape \(G, d, d\)"),
+    (lambda: (torch.zeros(1, 4, 4), torch.randn(3, 5), None), "X has width 5 but H is 4 x 4"),
+    (lambda: (torch.zeros(1, 4, 4), torch.ones(3, 4, dtype=torch.int32), None), "X must be float32, bfloat16"),
+    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), None), "group_ids is None"),
+    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 3, 1])), r"must lie in \[0, G=3\)"),
+    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, -1, 1])), r"must lie in \[0, G=3\)"),
+    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 1])), r"group_ids must have shape \(T,\)"),
+    (lambda: (torch.zeros(2, 4, 4), torch.randn(3, 4), torch.tensor([0., 1., 1.])), "group_ids must be int64"),
+    (lambda: (torch.zeros(1, 4, 8)[:, :, ::2], torch.randn(3, 4), None), "H must be contiguous"),
+]
+
+OBS_BAD_INPUTS = [
+    ("obs_group_errors", lambda: (torch.randn(3, 5), torch.eye(4), torch.zeros(1, 2, dtype=torch.long)), "Hinv"),
+    ("obs_group_errors", lambda: (torch.randn(3, 4).double(), torch.eye(4).double(),
+                                  torch.zeros(1, 2, dtype=torch.long)), "must be float32"),
+    ("obs_group_errors", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 4]])), r"lie in \[0, d=4\)"),
+    ("obs_group_errors", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([0, 1])), r"shape \(B, s\)"),
+    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 1]])), "1-D"),
+    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([0., 1.])), "int64"),
+    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([-1])), r"lie in \[0, d=4\)"),
+]
+
+
+def make_hessian_case(T, d, G, empty_group=None, dtype=torch.float32, device="cpu", seed=0):
+    """(H, X, group ids) for hessian_accumulate: random X (T x d), a random non-symmetric H
+    start (the op must add, not overwrite), G groups with `empty_group` left without rows."""
+    gen = torch.Generator().manual_seed(seed + T * 1000 + d)
+    X = torch.randn(T, d, generator=gen).to(dtype)
+    H = torch.randn(G, d, d, generator=gen)  # not symmetric: the op must add, not overwrite
+    ids = None
+    if G > 1:
+        ids = torch.randint(0, G, (T,), generator=gen)
+        if empty_group is not None:
+            ids[ids == empty_group] = (empty_group + 1) % G
+        ids = ids.to(device)
+    return H.to(device), X.to(device), ids
