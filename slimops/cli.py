@@ -7,7 +7,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .pipeline import METHODS
+from .methods import METHODS
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, FloatingPointError,
                ImportError)
@@ -16,7 +16,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, Floating
 def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="prune a HF causal LM and save the smaller checkpoint")
     p.add_argument("model", help="local HF model folder or hub id")
-    p.add_argument("--method", default="slimgpt", choices=METHODS)
+    p.add_argument("--method", default="slimgpt", choices=list(METHODS),
+                   help="; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()))
     p.add_argument("--ratio", type=float, default=0.2,
                    help="share of decoder-layer parameters to remove, in (0, 1)")
     p.add_argument("--schedule", default=None,
@@ -32,7 +33,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
-    p.add_argument("--percdamp", type=float, default=0.01)
+    p.add_argument("--percdamp", type=float, default=None,
+                   help="OBS damping, a fraction of mean diag(H) (slimgpt; default 0.01)")
     p.add_argument("--align", type=int, default=None,
                    help="slimgpt: keep every layer's FFN width a multiple of N and whole KV "
                         "groups (default per device: off on CPU, 64 on CUDA; see README)")
@@ -89,14 +91,11 @@ def _add_demo(sub) -> None:
 def cmd_prune(args) -> None:
     from . import calibration, pipeline
     from .checkpoint import save_pruned
+    from .methods import make_config
     from .schedules import parse_schedule
-    pipeline.check_ratio(args.ratio)                          # all cheap checks first
     schedule = None if args.schedule is None else parse_schedule(args.schedule)
-    if args.align is not None:
-        from .methods.align import check_align
-        check_align(args.align)
-        if args.align != 1 and args.method != "slimgpt":
-            raise ValueError(f"--align is implemented for slimgpt only, not {args.method}")
+    options = dict(batch_size=args.batch_size, percdamp=args.percdamp, align=_align(args))
+    make_config(args.method, args.ratio, schedule, args.device, **options)  # all cheap checks first
     pipeline.resolve_model_path(args.model)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -109,8 +108,7 @@ def cmd_prune(args) -> None:
                                             args.seed)           # short data fails fast
     model, _ = pipeline.load_model(args.model, args.dtype)
     plan, report = pipeline.prune_model(model, tokens, args.method, args.ratio, schedule,
-                                        args.device, batch_size=args.batch_size,
-                                        percdamp=args.percdamp, align=_align(args))
+                                        args.device, **options)
     info = _report_dict(report) | {"model": args.model, "calib": args.calib,
                                    "nsamples": args.nsamples, "seqlen": args.seqlen}
     save_pruned(model.to("cpu"), out, tokenizer=tokenizer, plan=plan, extra_info=info,
@@ -122,8 +120,8 @@ def cmd_prune(args) -> None:
 
 
 def _align(args) -> int | None:
-    """--align as given, else the device default for slimgpt (baselines do not align)."""
-    if args.align is not None or args.method != "slimgpt":
+    """--align as given, else the device default for methods that align (align.py)."""
+    if args.align is not None or "align" not in METHODS[args.method].options():
         return args.align
     from .methods.align import default_align
     return default_align(args.device)

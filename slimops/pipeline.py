@@ -13,18 +13,12 @@ from pathlib import Path
 import torch
 
 from .memory import reset_peak_rss, status_kb
+from .methods import get_method, make_config
 from .models import get_adapter
 from .plan import PruningPlan
 from .slicing import apply_plan
 
-METHODS = ("slimgpt", "magnitude", "wanda-sp", "flap", "taylor")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def check_ratio(ratio: float) -> None:
-    if not 0.0 < ratio < 1.0:
-        raise ValueError(f"--ratio {ratio} is outside (0, 1): it is the share of decoder-layer "
-                         "parameters to remove, e.g. 0.2")
 
 
 def resolve_model_path(name: str) -> str:
@@ -111,42 +105,21 @@ def prune_model(model, tokens: torch.Tensor, method: str = "slimgpt", ratio: flo
                 schedule=None, device: str = "cpu", **options) -> tuple[PruningPlan, PruneReport]:
     """Prune `model` in place to the method's plan and slice it; returns plan and report.
 
-    schedule=None is the method's default: log for slimgpt (its Incremental Pruning Ratio),
-    uniform for the baselines (their published setting; flap sets widths itself). options:
-    batch_size, percdamp (slimgpt only, ignored by baselines), align, ..."""
-    check_ratio(ratio)
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    method: a name in slimops.methods.METHODS. schedule=None is the method's default (log for
+    slimgpt, its Incremental Pruning Ratio; uniform for the baselines; flap sets widths
+    itself). options: the method config's fields (batch_size, percdamp, align, ...)."""
+    cfg = make_config(method, ratio, schedule, device, **options)   # bad options fail here
     adapter = get_adapter(model)
-    cfg = _method_config(method, ratio, schedule, device, options)   # bad options fail here
     before = (adapter.decoder_params(), adapter.total_params())
     _reset_peak_memory(device)
     start = time.perf_counter()
-    if method == "slimgpt":
-        from .methods import slimgpt
-        plan = slimgpt.prune(model, tokens, cfg, adapter)
-    else:
-        from .methods import baselines
-        plan = baselines.prune(model, tokens, method, cfg, adapter)
+    plan = get_method(method).prune(model, tokens, cfg, adapter)
     apply_plan(model, plan)
     wall = time.perf_counter() - start
     report = PruneReport(method, ratio, before[0], adapter.decoder_params(), before[1],
                          adapter.total_params(), wall, _peak_memory_mb(device), plan.shapes(),
                          plan.info)
     return plan, report
-
-
-def _method_config(method: str, ratio: float, schedule, device: str, options: dict):
-    """The method's config dataclass; schedule None keeps the method's default."""
-    given = {"ratio": ratio, "device": device, **options}
-    if schedule is not None:
-        given["schedule"] = schedule
-    if method == "slimgpt":
-        from .methods.slimgpt import SlimGPTConfig
-        return SlimGPTConfig(**given)
-    from .methods.baselines import BaselineConfig
-    given.pop("percdamp", None)                  # an OBS damping: no meaning for baselines
-    return BaselineConfig(**given)
 
 
 def _reset_peak_memory(device) -> None:

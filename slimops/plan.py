@@ -22,6 +22,12 @@ class LayerPlan:
                 "num_key_value_heads": len(self.kept_kv_heads),
                 "intermediate_size": len(self.kept_channels)}
 
+    def dropped(self, num_heads: int, intermediate_size: int) -> tuple[list[int], list[int]]:
+        """(query heads, FFN channels) this plan removes from a layer of the given widths."""
+        heads, channels = set(self.kept_heads), set(self.kept_channels)
+        return ([h for h in range(num_heads) if h not in heads],
+                [c for c in range(intermediate_size) if c not in channels])
+
     def validate(self, num_heads: int, num_kv_heads: int, intermediate_size: int) -> None:
         """Raise ValueError unless this layer plan is a valid (GQA-preserving) sub-shape."""
         rep = num_heads // num_kv_heads

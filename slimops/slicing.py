@@ -12,10 +12,10 @@ from .models import get_adapter
 from .plan import LayerPlan, PruningPlan
 
 
-def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+def head_rows(heads: list[int], head_dim: int, device=None) -> torch.Tensor:
     """Row (or column) indices of the given heads in a [heads * head_dim] axis."""
-    h = torch.as_tensor(heads, dtype=torch.long)
-    return (h[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    h = torch.as_tensor(heads, dtype=torch.long, device=device)
+    return (h[:, None] * head_dim + torch.arange(head_dim, device=device)).reshape(-1)
 
 
 @torch.no_grad()
@@ -70,8 +70,7 @@ def mask_layer(adapter, layer, lp: LayerPlan) -> None:
     'virtually pruned' model: same function as the sliced one, dense shapes)."""
     nh, _, ffn = adapter.layer_shape(layer)
     hd = adapter.head_dim
-    drop_heads = sorted(set(range(nh)) - set(lp.kept_heads))
-    drop_ch = sorted(set(range(ffn)) - set(lp.kept_channels))
+    drop_heads, drop_ch = lp.dropped(nh, ffn)
     if drop_heads:
         adapter.o_proj(layer).weight[:, head_rows(drop_heads, hd)] = 0
     if drop_ch:

@@ -8,10 +8,11 @@ import torch
 
 import slimops
 from helpers import make_tiny_model
-from slimops.methods import baselines, flap, taylor
-from slimops.methods.baselines import BaselineConfig, UnitScores
+from slimops.methods import METHODS, common, flap, make_config, taylor, wanda_sp
+from slimops.methods.common import UnitScores
+from slimops.methods.flap import FlapConfig
 from slimops.models import get_adapter
-from slimops.pipeline import METHODS, prune_model
+from slimops.pipeline import prune_model
 from slimops.sequential import run_sequential
 from slimops.slicing import apply_plan, mask_layer
 
@@ -52,7 +53,7 @@ def test_bad_method_and_align_are_clear_errors():
     assert set(BASELINES) < set(METHODS)
     with pytest.raises(ValueError, match="--align is implemented for slimgpt only"):
         prune_model(make_tiny_model(), calib(), "flap", 0.2, align=64)
-    BaselineConfig(align=1)
+    prune_model(make_tiny_model(), calib(), "flap", 0.2, align=1)    # 1 is "off"
     prune_model(make_tiny_model(), calib(), "magnitude", 0.2, batch_size=4, percdamp=0.01,
                 align=None)
 
@@ -68,17 +69,17 @@ def scores(heads, kv=(0.0, 0.0), channels=(1.0, 2.0, 3.0)):
 
 
 def test_selector_removes_a_useless_group_whole():
-    kept, kv, removed = baselines.select_heads(scores([1.0, 1.0, 0.0, 0.0]), COSTS, 6)
+    kept, kv, removed = common.select_heads(scores([1.0, 1.0, 0.0, 0.0]), COSTS, 6)
     assert (kept, kv, removed) == ([0, 1], [0], 6)
 
 
 def test_selector_removes_one_head_per_group_when_cheaper():
-    kept, kv, removed = baselines.select_heads(scores([5.0, 0.1, 0.1, 5.0]), COSTS, 4)
+    kept, kv, removed = common.select_heads(scores([5.0, 0.1, 0.1, 5.0]), COSTS, 4)
     assert (kept, kv, removed) == ([0, 3], [0, 1], 4)
 
 
 def test_selector_never_empties_a_layer():
-    lp, _ = baselines.plan_layer(scores([1.0, 2.0, 3.0, 4.0]), COSTS, 1e9, 1e9)
+    lp, _ = common.plan_layer(scores([1.0, 2.0, 3.0, 4.0]), COSTS, 1e9, 1e9)
     assert (lp.kept_heads, lp.kept_kv_heads, lp.kept_channels) == ([3], [1], [2])
 
 
@@ -105,8 +106,8 @@ def method_column_scores(model, tokens, columns):
 
     def collect(work):
         o, down = adapter.o_proj(work.layer), adapter.down_proj(work.layer)
-        st = baselines.input_stats(work, {"o": o, "down": down})
-        out.append(baselines.column_scores(adapter, work.layer, columns(o.weight, st["o"]),
+        st = common.input_stats(work, {"o": o, "down": down})
+        out.append(common.column_scores(adapter, work.layer, columns(o.weight, st["o"]),
                                            columns(down.weight, st["down"])))
     run_sequential(model, adapter, tokens, collect, batch_size=3)
     return out[0]
@@ -120,7 +121,7 @@ def test_column_scores_match_paper_formula(metric):
     Wo, Wd = layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight
     if metric == "wanda-sp":     # S_j = sum_i |W_ij| ||X_j||_2
         ref = [W.abs().sum(0) * X.norm(dim=0) for W, X in ((Wo, Xo), (Wd, Xd))]
-        got = method_column_scores(model, tokens, baselines.wanda_columns)
+        got = method_column_scores(model, tokens, wanda_sp.wanda_columns)
     else:                        # FLAP eq. 5: S_j = Var(X_j) ||W_:,j||^2
         ref = [X.var(0) * W.pow(2).sum(0) for W, X in ((Wo, Xo), (Wd, Xd))]
         got = method_column_scores(model, tokens, flap.fluctuation_columns)
@@ -150,7 +151,7 @@ def test_magnitude_scores_are_owned_weight_norms():
     model = make_tiny_model("llama", layers=1)
     layer, adapter = model.model.layers[0], get_adapter(model)
     a = layer.self_attn
-    got = baselines.owned_scores(adapter, layer, lambda lin: lin.weight.detach() ** 2)
+    got = common.owned_scores(adapter, layer, lambda lin: lin.weight.detach() ** 2)
     want = torch.stack([a.q_proj.weight[h * 16:(h + 1) * 16].norm() ** 2 +
                         a.o_proj.weight[:, h * 16:(h + 1) * 16].norm() ** 2 for h in range(4)])
     torch.testing.assert_close(got.heads, want.double().detach())
@@ -185,7 +186,7 @@ def test_flap_bias_compensation_brings_outputs_closer_to_dense():
     errors = {}
     for bias in (True, False):
         model = copy.deepcopy(dense)
-        flap.prune(model, tokens, BaselineConfig(ratio=0.3, bias_compensation=bias))
+        flap.prune(model, tokens, FlapConfig(ratio=0.3, bias_compensation=bias))
         out, logits = layer0_output(model, tokens)
         errors[bias] = ((out - ref_layer).pow(2).mean(), (logits - ref_logits).pow(2).mean())
         assert (model.model.layers[0].mlp.down_proj.bias is not None) == bias
@@ -197,7 +198,7 @@ def test_flap_widths_adapt_to_the_layers():
     model = make_tiny_model("llama", layers=3)
     with torch.no_grad():     # layer 1: a few dominant FFN channels, the rest alike
         model.model.layers[1].mlp.down_proj.weight[:, :8] *= 20
-    plan = flap.prune(model, calib(), BaselineConfig(ratio=0.3))
+    plan = flap.prune(model, calib(), FlapConfig(ratio=0.3))
     widths = [lp.shape()["intermediate_size"] for lp in plan.layers]
     assert widths[1] != widths[0] and widths[1] != widths[2], widths
     assert plan.info["threshold"] == plan.info["threshold"]          # recorded, finite
@@ -234,7 +235,7 @@ def test_flap_standardises_columns_then_averages_heads():
 @pytest.mark.parametrize("method", BASELINES)
 def test_sliced_equals_masked(method):
     model, tokens = make_tiny_model("qwen2"), calib()
-    plan = baselines.prune(model, tokens, method, BaselineConfig(ratio=0.35))
+    plan = METHODS[method].prune(model, tokens, make_config(method, 0.35))
     before = model(tokens[:2]).logits
     adapter = get_adapter(model)
     with torch.no_grad():

@@ -9,10 +9,8 @@
    are comparable; then ONE global threshold over all layers and both modules removes the
    lowest units until the removed decoder params reach the ratio. As in the authors' code,
    attention is standardised per o_proj input COLUMN and a head's score is the mean of its
-   columns' z-scores. (Summing per head and standardising the 8 head sums instead spreads
-   head z-scores as widely as channel z-scores; on the reference model that removed half of
-   every layer's heads at 20% and gave ppl 206 on train-split text, vs 52 dense.) Per-layer widths follow
-   from the data (not uniform); the schedule argument is ignored.
+   columns' z-scores (standardising per-head sums instead removes far too many heads:
+   benchmarks/RESULTS.md). Per-layer widths follow from the data; there is no schedule.
 3. Bias compensation (eq. 8): the removed channels' average contribution is kept,
        b_new = b + W[:, removed] @ mean(X[removed]),
    a bias is created on o_proj / down_proj when the module has none.
@@ -22,18 +20,33 @@ one layer on the device at a time), as the authors' code does: the global thresh
 every layer's scores before any layer can be pruned, so layer i+1 calibrates on dense
 layer-i outputs. Then the threshold is applied, and each layer is masked and compensated.
 GQA: the threshold gives each layer a head budget (per-head cost = q rows + o columns +
-1/rep of a KV group's k/v rows); the shared selector (baselines.plan_layer) turns it into a
+1/rep of a KV group's k/v rows); the shared selector (common.plan_layer) turns it into a
 valid GQA shape, and the rounding goes to that layer's FFN, then to the next layer.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from ..models import get_adapter
 from ..plan import LayerPlan, PruningPlan
 from ..sequential import LayerWork, run_sequential
 from ..slicing import head_rows, mask_layer
-from .baselines import BaselineConfig, Budget, InputStats, UnitScores, finish, input_stats
+from .common import Budget, InputStats, PruneConfig, UnitScores, finish, input_stats
+
+
+@dataclass
+class FlapConfig(PruneConfig):
+    schedule: None = None                   # adaptive: one global threshold sets the widths
+    bias_compensation: bool = True          # FLAP's baseline bias (Sec. 3.3, eq. 8)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.schedule is not None:
+            raise ValueError("flap chooses per-layer widths itself (one global threshold); "
+                             "it takes no --schedule")
 
 
 def fluctuation_columns(weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
@@ -102,10 +115,9 @@ def compensate(adapter, layer, lp: LayerPlan, means: dict, bias: bool = True) ->
     """FLAP eq. 8: fold the removed input channels' mean contribution into the bias of
     o_proj / down_proj, then zero their columns (the masked model equals the sliced one)."""
     nh, _, ffn = adapter.layer_shape(layer)
-    drop_heads = sorted(set(range(nh)) - set(lp.kept_heads))
+    drop_heads, drop_channels = lp.dropped(nh, ffn)
     drop = {"o": head_rows(drop_heads, adapter.head_dim),
-            "down": torch.as_tensor(sorted(set(range(ffn)) - set(lp.kept_channels)),
-                                    dtype=torch.long)}
+            "down": torch.as_tensor(drop_channels, dtype=torch.long)}
     for role, cols in drop.items():
         if bias and len(cols):
             linear = _with_bias(adapter.linear(layer, role))
@@ -116,10 +128,9 @@ def compensate(adapter, layer, lp: LayerPlan, means: dict, bias: bool = True) ->
     mask_layer(adapter, layer, lp)
 
 
-def prune(model, tokens: torch.Tensor, cfg: BaselineConfig, adapter=None) -> PruningPlan:
+def prune(model, tokens: torch.Tensor, cfg: FlapConfig, adapter=None) -> PruningPlan:
     """FLAP: dense statistics pass, global threshold, per-layer GQA selection, bias
     compensation. The model is changed in place (columns zeroed, biases added)."""
-    from ..models import get_adapter
     adapter = adapter or get_adapter(model)
     scores, means = [], []
 

@@ -8,15 +8,23 @@ with L the language-model loss on the calibration tokens, gradients through the 
 model. A group's importance is the sum over its weights (LLM-Pruner's "sum" aggregation):
 a query head owns its q rows and o columns, a KV group also its k/v rows, an FFN channel its
 gate/up rows and down column. Selection, per-layer ratios and the rounding carry are the
-shared baseline machinery (baselines.plan_layer / Budget). Weights are not changed.
+shared machinery (common.plan_layer / Budget). Weights are not changed.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..models import get_adapter
 from ..plan import PruningPlan
 from ..schedules import layer_ratios
-from .baselines import BaselineConfig, Budget, UnitScores, finish, layer_targets, owned_scores
+from .common import Budget, PruneConfig, UnitScores, finish, layer_targets, owned_scores
+
+
+@dataclass
+class TaylorConfig(PruneConfig):
+    schedule: str | list = "uniform"        # LLM-Pruner's setting
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -26,7 +34,7 @@ def _projection_weights(adapter) -> list[torch.nn.Parameter]:
             if (m := adapter.linear(layer, role)) is not None]
 
 
-def accumulate_gradients(model, adapter, tokens: torch.Tensor, batch_size: int) -> None:
+def accumulate_gradients(model, tokens: torch.Tensor, batch_size: int) -> None:
     """dL/dW into .grad of every projection weight, L = mean next-token NLL over ALL
     calibration tokens (LLM-Pruner's one-batch loss), computed batch by batch to bound
     memory: each batch's mean loss is weighted by its share of the sequences, so the sum
@@ -58,7 +66,7 @@ def taylor_scores(model, tokens: torch.Tensor, adapter, batch_size: int = 8,
         for w in weights:
             w.requires_grad_(True)
             w.grad = None
-        accumulate_gradients(model, adapter, tokens, batch_size)
+        accumulate_gradients(model, tokens, batch_size)
         with torch.no_grad():
             return [owned_scores(adapter, layer,
                                  lambda m: (m.weight.detach().double() * m.weight.grad).abs())
@@ -71,10 +79,9 @@ def taylor_scores(model, tokens: torch.Tensor, adapter, batch_size: int = 8,
         model.to(home)
 
 
-def prune(model, tokens: torch.Tensor, cfg: BaselineConfig, adapter=None) -> PruningPlan:
+def prune(model, tokens: torch.Tensor, cfg: TaylorConfig, adapter=None) -> PruningPlan:
     """Taylor baseline: scores from one gradient pass, then per-layer GQA-valid selection
     at the schedule's ratios (uniform by default, as LLM-Pruner)."""
-    from ..models import get_adapter
     adapter = adapter or get_adapter(model)
     layers = adapter.layers()
     ratios = layer_ratios(cfg.schedule, cfg.ratio, len(layers))
