@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import random
@@ -33,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from common import DTYPES, write_json
 
 
 def parse_args():
@@ -341,8 +340,7 @@ def main() -> None:
     result["device_after"] = device_string(args)
     print(f"\ndevice after: {result['device_after']}; wall {time.perf_counter() - start:.0f} s")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 
 import torch
+
+from common import markdown_table, write_json
 
 
 def build_model(args):
@@ -72,15 +73,17 @@ def main() -> None:
     plan_f, fast = run(copy.deepcopy(dense), tokens, args, reference=False)
     plan_r, ref = run(copy.deepcopy(dense), tokens, args, reference=True)
     same = plan_f.layers == plan_r.layers
-    print("\n| phase | fast (s) | reference (s) | speedup |\n|---|---:|---:|---:|")
-    for phase in ("forward", "hessian", "obs", "slicing", "math", "total"):
-        f, r = fast.get(phase, 0.0), ref.get(phase, 0.0)
-        print(f"| {phase} | {f:.2f} | {r:.2f} | {r / f if f else float('nan'):.2f}x |")
+    rows = [{"phase": phase, "fast": fast.get(phase, 0.0), "reference": ref.get(phase, 0.0)}
+            for phase in ("forward", "hessian", "obs", "slicing", "math", "total")]
+    for row in rows:
+        row["speedup"] = row["reference"] / row["fast"] if row["fast"] else float("nan")
+    columns = [("phase", "phase", "{}"), ("fast", "fast (s)", "{:.2f}"),
+               ("reference", "reference (s)", "{:.2f}"), ("speedup", "speedup", "{:.2f}x")]
+    print("\n" + markdown_table(rows, columns))
     print(f"\nsame heads and channels selected: {same}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "device": device, "fast": fast, "reference": ref,
-                       "same_selection": same}, fh, indent=2)
+        write_json(args.json, {"args": vars(args), "device": device, "fast": fast, "reference": ref,
+                               "same_selection": same})
     print(f"math speedup {ref['math'] / fast['math']:.2f} total speedup "
           f"{ref['total'] / fast['total']:.2f}")
 
