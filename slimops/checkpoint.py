@@ -18,8 +18,11 @@ import uuid
 from pathlib import Path
 
 import torch
+import transformers
+from transformers import AutoTokenizer
 
-from .models import adapter_class, get_adapter
+from .models import get_adapter, stock_class
+from .models import remote_modeling as remote
 
 REMOTE_FILE = "modeling_slimops.py"
 REMOTE_MODULE = REMOTE_FILE.removesuffix(".py")
@@ -27,15 +30,8 @@ PLAN_FILE, INFO_FILE = "slimops_plan.json", "slimops_info.json"
 # Keys this module owns in config.json; recomputed from the model on every save.
 _OWN_KEYS = ("slimops_layers", "slimops_base_model_type", "slimops_base_class", "auto_map")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-_SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")  # = remote's
 # Letters, digits, whitespace runs, newlines, non-ASCII: where pre-tokenizers differ.
 _PROBE_TEXT = "Hello, World! 12345 3.14159\n\n  def f(x):\treturn x ** 2  # naïve café 東京"
-
-
-def _remote_modeling():
-    # Imported on use: it imports transformers, and `import slimops` should stay light.
-    from .models import remote_modeling
-    return remote_modeling
 
 
 # The auto class each family's default model class comes from, by mapping name.
@@ -46,26 +42,16 @@ _AUTO_MAPPINGS = {"AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING",
 def family_classes(model_type: str, class_name: str | None = None) -> tuple[type, type]:
     """The stock (config class, model class) of a family: `class_name` when given (e.g.
     "BertForMaskedLM"), else the family's default (LlamaForCausalLM, BertModel)."""
-    import transformers
     config_cls = transformers.CONFIG_MAPPING[model_type]
     if class_name:
         return config_cls, getattr(transformers, class_name)
-    auto = adapter_class(model_type).auto_model_class
+    auto = remote.family_spec(model_type)["auto_class"]
     return config_cls, getattr(transformers, _AUTO_MAPPINGS[auto])[config_cls]
-
-
-def stock_class(model) -> type:
-    """The transformers class a (possibly remote-code or slimops-made) model derives from."""
-    for cls in type(model).__mro__:
-        if cls.__module__.startswith("transformers.models."):
-            return cls
-    raise ValueError(f"{type(model).__name__} derives from no transformers model class")
 
 
 def auto_class_name(config_cls: type, model_cls: type) -> str:
     """The Auto class that loads `model_cls`: BertModel -> AutoModel, LlamaForCausalLM ->
     AutoModelForCausalLM, BertForMaskedLM -> AutoModelForMaskedLM."""
-    import transformers
     suffix = model_cls.__name__.removeprefix(config_cls.__name__.removesuffix("Config"))
     name = f"AutoModel{suffix}" if suffix.startswith("For") else "AutoModel"
     return name if hasattr(transformers, name) else "AutoModel"
@@ -93,11 +79,11 @@ def model_layer_shapes(model) -> list[dict]:
     stock = _stock_biases(adapter)
     shapes = []
     for layer in adapter.layers():
-        shape = dict(zip(_SHAPE_KEYS, adapter.layer_shape(layer)))
+        shape = dict(zip(remote.SHAPE_KEYS, adapter.layer_shape(layer)))
         for role, stock_has in stock.items():
             has = adapter.linear(layer, role).bias is not None
             if has != stock_has:
-                shape[_remote_modeling().bias_key(role)] = has
+                shape[remote.bias_key(role)] = has
         shapes.append(shape)
     return shapes
 
@@ -105,9 +91,8 @@ def model_layer_shapes(model) -> list[dict]:
 def _stock_config(config_dict: dict, shapes: list[dict], head_dim: int,
                   model_cls: type) -> dict | None:
     """config.json for a plain stock checkpoint, or None when the stock config can't say it."""
-    if any(s != shapes[0] for s in shapes) or set(shapes[0]) != set(_SHAPE_KEYS):
+    if any(s != shapes[0] for s in shapes) or set(shapes[0]) != set(remote.SHAPE_KEYS):
         return None                  # per-layer shapes, or biases the stock family lacks
-    remote = _remote_modeling()
     spec = remote.family_spec(config_dict["model_type"])
     # Only keys the family's config has (BertConfig: no num_key_value_heads, no head_dim).
     candidate = {**config_dict, **{k: shapes[0][k] for k in spec["config_keys"]}}
@@ -128,7 +113,7 @@ def _stock_config(config_dict: dict, shapes: list[dict], head_dim: int,
 
 def _remote_config(config_dict: dict, shapes: list[dict], head_dim: int,
                    config_cls: type, model_cls: type) -> dict:
-    name = _remote_modeling().class_name(config_cls, model_cls)
+    name = remote.class_name(config_cls, model_cls)
     return {**config_dict, "head_dim": head_dim, "slimops_layers": shapes,
             "slimops_base_model_type": config_dict["model_type"],
             "slimops_base_class": model_cls.__name__,
@@ -138,9 +123,7 @@ def _remote_config(config_dict: dict, shapes: list[dict], head_dim: int,
 
 
 def _remote_source(config_cls: type, model_cls: type) -> str:
-    remote_modeling = _remote_modeling()
-    source = Path(remote_modeling.__file__).read_text()
-    return source + remote_modeling.family_lines(config_cls, model_cls)
+    return Path(remote.__file__).read_text() + remote.family_lines(config_cls, model_cls)
 
 
 def _tokenizer_fingerprint(tokenizer) -> tuple:
@@ -148,7 +131,6 @@ def _tokenizer_fingerprint(tokenizer) -> tuple:
 
 
 def _auto_tokenizer_fingerprint(folder: Path) -> tuple:
-    from transformers import AutoTokenizer
     return _tokenizer_fingerprint(AutoTokenizer.from_pretrained(folder))
 
 
@@ -195,11 +177,11 @@ def _write_checkpoint(tmp: Path, model, tokenizer, plan, extra_info) -> None:
     config_path.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     # config.json first: AutoTokenizer reads its model_type in the check.
     tokenizer_needs_remote = tokenizer is not None and _save_tokenizer(tmp, tokenizer)
-    remote = tmp / REMOTE_FILE
+    remote_file = tmp / REMOTE_FILE
     if "auto_map" in config_dict or tokenizer_needs_remote:
-        remote.write_text(_remote_source(config_cls, model_cls))
-    elif remote.exists():     # save_pretrained copies it when re-saving a remote-code model
-        remote.unlink()
+        remote_file.write_text(_remote_source(config_cls, model_cls))
+    elif remote_file.exists():     # save_pretrained copies it when re-saving a remote-code model
+        remote_file.unlink()
     if plan is not None:
         (tmp / PLAN_FILE).write_text(plan.to_json())
     if extra_info is not None:
@@ -272,7 +254,7 @@ def load(path, device="cpu", dtype=None):
     if "slimops_layers" in raw:
         family = raw.get("slimops_base_model_type") or raw["model_type"]
         # The same classes the checkpoint's modeling_slimops.py defines: one source of truth.
-        _, model_cls = _remote_modeling().make_classes(
+        _, model_cls = remote.make_classes(
             *family_classes(family, raw.get("slimops_base_class")))
         model = model_cls.from_pretrained(path, **kwargs)
     else:
@@ -283,12 +265,11 @@ def load(path, device="cpu", dtype=None):
 def _plain_class(raw: dict):
     """The class a plain folder was saved from (config "architectures"), else the family's
     auto class (AutoModelForCausalLM for decoders, AutoModel for encoders)."""
-    import transformers
     arch = (raw.get("architectures") or [None])[0]
     if arch and isinstance(getattr(transformers, arch, None), type):
         return getattr(transformers, arch)
     try:
-        return getattr(transformers, adapter_class(raw.get("model_type")).auto_model_class)
+        return getattr(transformers, remote.family_spec(raw.get("model_type"))["auto_class"])
     except ValueError:       # not a slimops family: still a plain causal LM folder
         return transformers.AutoModelForCausalLM
 
@@ -296,5 +277,4 @@ def _plain_class(raw: dict):
 def _load_tokenizer(path: Path):
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path)

@@ -91,12 +91,13 @@ def _add_demo(sub) -> None:
 def cmd_prune(args) -> None:
     from . import calibration, pipeline
     from .checkpoint import save_pruned
+    from .loading import model_config
     from .methods import make_config
     from .schedules import parse_schedule
     schedule = None if args.schedule is None else parse_schedule(args.schedule)
     options = dict(batch_size=args.batch_size, percdamp=args.percdamp, align=_align(args))
     make_config(args.method, args.ratio, schedule, args.device, **options)  # all cheap checks first
-    pipeline.resolve_model_path(args.model)
+    model_config(args.model)                                # an unsupported family fails first
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty (use --overwrite)")

@@ -8,61 +8,15 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from .loading import DTYPES, load_model, load_tokenizer, resolve_model_path  # noqa: F401 (API)
 from .memory import reset_peak_rss, status_kb
 from .methods import get_method, make_config
 from .models import get_adapter
 from .plan import PruningPlan
 from .slicing import apply_plan
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_model_path(name: str) -> str:
-    """A local folder, or something that looks like a hub id (org/name); else a clear error."""
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {path} has no config.json")
-        return str(path)
-    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise FileNotFoundError(f"model path {name!r} does not exist (give a HF model folder "
-                                "or a hub id like org/name)")
-    return name
-
-
-def load_model(name: str, dtype: str = "fp32"):
-    """(model, tokenizer) on the CPU; slimops checkpoints (per-layer shapes) load without
-    remote code. The family is checked before any weights are read."""
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
-    from .checkpoint import load as load_checkpoint
-    from .models import adapter_class
-    path = resolve_model_path(name)
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if _is_slimops_checkpoint(path):
-        return load_checkpoint(path, device="cpu", dtype=DTYPES[dtype])
-    adapter = adapter_class(getattr(AutoConfig.from_pretrained(path), "model_type", None))
-    auto_cls = getattr(transformers, adapter.auto_model_class)   # AutoModel for encoders
-    model = auto_cls.from_pretrained(path, dtype=DTYPES[dtype]).eval()
-    return model, AutoTokenizer.from_pretrained(path)
-
-
-def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(resolve_model_path(name))
-
-
-def _is_slimops_checkpoint(path: str) -> bool:
-    import json
-    cfg = Path(path) / "config.json"
-    return cfg.is_file() and "slimops_layers" in json.loads(cfg.read_text())
-
 
 @dataclass
 class PruneReport:

@@ -11,13 +11,12 @@ import sys
 
 import pytest
 import torch
-from helpers import BLOCK_SLIMOPS
+from helpers import BLOCK_SLIMOPS, make_tiny_model
 
 import slimops
 from slimops import checkpoint
 from slimops.methods import slimgpt
 from slimops.models import get_adapter, remote_modeling
-from slimops.models.llama import LlamaAdapter
 from slimops.pipeline import prune_model
 from slimops.plan import LayerPlan, PruningPlan
 from slimops.slicing import apply_plan
@@ -64,14 +63,19 @@ def test_adapter_finds_layers(cls, layers):
     assert (adapter.auto_model_class, adapter.causal_lm) == ("AutoModel", False)
 
 
-@pytest.mark.parametrize("adapter_cls, model_type", [(type(get_adapter(tiny_bert())), "bert"),
-                                                     (LlamaAdapter, "llama")])
-def test_remote_table_matches_adapter(adapter_cls, model_type):
-    """modeling_slimops.py cannot import the adapters: its copy of the paths must agree."""
+@pytest.mark.parametrize("model_type", sorted(remote_modeling.FAMILY_SPECS))
+def test_family_table_matches_stock_models(model_type):
+    """modeling_slimops.py and the adapters read one table: every path it names must exist in
+    the family's stock transformers model (a new row is checked here)."""
+    model = tiny_bert() if model_type == "bert" else make_tiny_model(model_type, layers=1)
     spec = remote_modeling.family_spec(model_type)
-    assert {r: p for r, (p, _, _) in spec["projections"].items()} == {
-        r: p for r, p in adapter_cls.paths.items() if p is not None}
-    assert spec["attention"] == adapter_cls.attention_path
+    adapter = get_adapter(model)
+    layer = adapter.layers()[0]
+    assert adapter.layers() is model.base_model.get_submodule(spec["layers"])
+    for role, (path, _, _) in spec["projections"].items():
+        assert isinstance(layer.get_submodule(path), torch.nn.Linear), (model_type, role)
+        assert adapter.linear(layer, role) is layer.get_submodule(path)
+    assert adapter.attention(layer) is layer.get_submodule(spec["attention"])
 
 
 # ---- SlimGPT ----------------------------------------------------------------------------

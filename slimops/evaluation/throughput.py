@@ -38,7 +38,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, StoppingCriteriaList
+
+from ..loading import DTYPES, load_model, model_config, resolve_model_path
 from ..memory import reset_peak_rss, status_kb
+from ..models import family_spec, get_adapter, stock_class
+from .report import environment, stats
 
 @dataclass
 class BenchSettings:
@@ -60,7 +66,6 @@ class BenchSettings:
 
 def check_settings(s: BenchSettings) -> list[str]:
     """Raise ValueError on bad settings before any model is loaded; return notes."""
-    from ..pipeline import DTYPES
     if s.dtype not in DTYPES:
         raise ValueError(f"--dtype {s.dtype!r}: choose one of {', '.join(DTYPES)}")
     for name, values in (("--batch", s.batches), ("--prompt", s.prompts)):
@@ -106,7 +111,6 @@ def _linear_macs(module: nn.Module) -> int:
 def macs_breakdown(model) -> dict:
     """{"linear": per-token MACs of every weight matrix, "attn_per_position": attention MACs
     per attended position}, read from the current module shapes (see module docstring)."""
-    from ..models import get_adapter
     adapter = get_adapter(model)
     layers = adapter.layers()
     heads = [adapter.layer_shape(layer)[0] for layer in layers]
@@ -122,22 +126,15 @@ def macs_per_token(model, context: int) -> int:
     return b["linear"] + b["attn_per_position"] * context
 
 
-def _hf_class(cls: type) -> type:
-    """The first transformers class in cls's MRO: LlamaForCausalLM for a dense LLaMA and
-    for a per-layer-shaped checkpoint's SlimopsForCausalLM (its subclass) alike."""
-    return next(c for c in cls.__mro__ if c.__module__.startswith("transformers."))
-
-
 def model_info(model) -> dict:
     """Size and the code path generate will run (classes, not instances: the test compares
     dense and per-layer-shaped models on these)."""
-    from ..models import get_adapter
     adapter = get_adapter(model)
     layers = adapter.layers()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"params": adapter.total_params(), "weights_mb": weights / 2**20,
             **macs_breakdown(model),
-            "code_path": {"hf_class": _hf_class(type(model)).__qualname__,
+            "code_path": {"hf_class": stock_class(model).__qualname__,
                           "generate": type(model).generate.__qualname__,
                           "forward": type(model).forward.__qualname__,
                           "layer": sorted({type(layer).__qualname__ for layer in layers}),
@@ -224,7 +221,6 @@ def generation_config(model, gen: int, cache: str):
     """Greedy, exactly `gen` new tokens (min_new_tokens suppresses EOS until then), eager
     unless the forward itself was compiled (HF would otherwise auto-compile the decode step
     on GPU with a static cache, and dense vs pruned would compare compilers)."""
-    from transformers import GenerationConfig
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = model.config.get_text_config().eos_token_id
@@ -250,7 +246,6 @@ def time_prefill(model, ids: torch.Tensor) -> float:
 @torch.inference_mode()
 def time_generate(model, ids: torch.Tensor, gen_config) -> dict:
     """One generate call: TTFT, decode time (directly, via StepClock), generated count, peak."""
-    from transformers import StoppingCriteriaList
     # generate sizes a static cache to the longest call so far (a torch.compile aid); for
     # timing each shape must get a cache of exactly prompt + gen, so forget earlier calls.
     model.__dict__.pop("_previous_max_cache_length", None)
@@ -284,7 +279,6 @@ def choose_cache(model, ids: torch.Tensor, want_static: bool) -> tuple[str, str 
 
 def bench_combo(model, batch: int, prompt: int, s: BenchSettings, cache: str) -> dict:
     """Warm-up, then `repeats` timed rounds of (prefill forward, generate) for one shape."""
-    from .report import stats
     device = torch.device(s.device)
     vocab = model.config.get_text_config().vocab_size
     ids = random_prompt(vocab, batch, prompt, s.seed, device)
@@ -309,7 +303,6 @@ def bench_combo(model, batch: int, prompt: int, s: BenchSettings, cache: str) ->
 
 def load_on_device(name: str, s: BenchSettings):
     """pipeline.load_model (dense HF folders and slimops checkpoints alike), on the device."""
-    from ..pipeline import load_model
     model, _ = load_model(name, s.dtype)
     return model.to(s.device).eval()
 
@@ -361,22 +354,17 @@ def bench_model(name: str, s: BenchSettings, progress=None) -> dict:
 
 def check_causal_lm(path: str) -> None:
     """A supported family with a generate() (encoder families such as BERT have none)."""
-    from transformers import AutoConfig
-    from ..models import adapter_class
-    model_type = getattr(AutoConfig.from_pretrained(path), "model_type", None)
-    if not adapter_class(model_type).causal_lm:
+    model_type = model_config(path).model_type
+    if family_spec(model_type)["auto_class"] != "AutoModelForCausalLM":
         raise ValueError(f"{path} is a {model_type} encoder: bench times generation and "
                          "needs a causal LM")
 
 
 def run_bench(models: list[str], s: BenchSettings) -> dict:
     """Every model over every (batch, prompt); one model in memory at a time."""
-    from tqdm.auto import tqdm
-    from ..pipeline import resolve_model_path
     notes = check_settings(s)
     for name in models:                       # all models checked before any loading
         check_causal_lm(resolve_model_path(name))
-    from .report import environment
     device = torch.device(s.device)
     with tqdm(total=len(models) * len(s.combos()), desc="bench", unit="shape") as progress:
         entries = [bench_model(name, s, progress) for name in models]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
+from ..kernels.hessian import reference as hessian_reference
 from ..models import get_adapter
 from ..plan import LayerPlan, PruningPlan
 from ..schedules import layer_ratios
@@ -30,6 +31,7 @@ from ..slicing import head_rows
 from .align import aligned_ratios, aligned_removal, check_align, kept_widths
 from .common import Budget, PruneConfig, channels_to_remove, finish, layer_targets, remove_heads
 from .obs_solver import ObsSolver, damp_hessian
+from .slimgpt_reference import ReferenceSolver
 
 
 @dataclass
@@ -98,7 +100,6 @@ def _solver(cfg: SlimGPTConfig, W: torch.Tensor, H: torch.Tensor, damping: list)
     H, damped = damp_hessian(H, W, cfg.percdamp)
     damping.append(damped)
     if cfg.reference:
-        from .slimgpt_reference import ReferenceSolver
         return ReferenceSolver(W, H)
     return ObsSolver(W, H)
 
@@ -150,8 +151,7 @@ def prune(model, tokens: torch.Tensor, cfg: SlimGPTConfig, adapter=None) -> Prun
     budget, damping, plans = Budget(), [], []
     accumulate, batch_size = ops.hessian_accumulate, cfg.batch_size
     if cfg.reference:   # as the authors' (SparseGPT-derived) code: one sequence per forward,
-        from slimops.kernels.hessian.reference import hessian_accumulate as accumulate
-        batch_size = 1  # fp32 addmm of its activations into H
+        accumulate, batch_size = hessian_reference.hessian_accumulate, 1   # fp32 addmm into H
     timer = run_sequential(model, adapter, tokens, lambda w: plans.append(
         prune_layer(w, cfg, ratios[w.index], budget, damping)), device=cfg.device,
         batch_size=batch_size, desc="slimgpt" + (" (reference)" if cfg.reference else ""),

@@ -1,31 +1,35 @@
-"""One adapter per model family, found by `config.model_type`."""
+"""Model families: which ones slimops supports (remote_modeling.FAMILY_SPECS, found by
+`config.model_type`) and the adapter class for each kind of family."""
 from __future__ import annotations
 
-_ADAPTERS: dict[str, type] = {}
+from .base import DecoderAdapter
+from .bert import BertAdapter
+from .remote_modeling import FAMILY_SPECS, family_spec
 
-
-def register(cls):
-    for model_type in cls.model_types:
-        _ADAPTERS[model_type] = cls
-    return cls
+# One adapter class per kind of family in FAMILY_SPECS.
+ADAPTERS = {"llama-like": DecoderAdapter, "bert-like": BertAdapter}
 
 
 def supported_families() -> list[str]:
-    return sorted(_ADAPTERS)
+    return sorted(FAMILY_SPECS)
 
 
-def adapter_class(model_type: str):
-    try:
-        return _ADAPTERS[model_type]
-    except KeyError:
-        raise ValueError(f"unsupported model family {model_type!r}; slimops supports "
-                         f"{', '.join(supported_families())}") from None
+def adapter_class(model_type: str | None) -> type[DecoderAdapter]:
+    """The adapter class of a family; a clear error naming the supported ones otherwise."""
+    return ADAPTERS[family_spec(model_type)["kind"]]
 
 
-def get_adapter(model):
+def get_adapter(model) -> DecoderAdapter:
     adapter = adapter_class(getattr(model.config, "model_type", None))(model)
     adapter.check_geometry()
     return adapter
 
 
-from . import bert, llama, qwen  # noqa: E402,F401  (registers the families)
+def stock_class(model_or_class) -> type:
+    """The transformers class a model derives from: LlamaForCausalLM for a dense LLaMA and for
+    a per-layer-shaped checkpoint's SlimopsForCausalLM (its subclass) alike."""
+    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
+    for base in cls.__mro__:
+        if base.__module__.startswith("transformers.models."):
+            return base
+    raise ValueError(f"{cls.__name__} derives from no transformers model class")

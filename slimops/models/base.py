@@ -1,33 +1,26 @@
-"""DecoderAdapter: where a LLaMA-like decoder keeps its projections, norms and head geometry.
+"""DecoderAdapter: where a model keeps its projections, norms and head geometry.
 
-A family that differs only in module names or biases subclasses this and overrides the
-names; the rest of slimops talks to models only through an adapter.
+Everything comes from the family's row in remote_modeling.FAMILY_SPECS (the table the
+checkpoint's standalone modeling file uses too), so the paths exist once. The rest of
+slimops talks to models only through an adapter.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
+
+from . import remote_modeling as remote
 
 
 class DecoderAdapter:
-    model_types: tuple[str, ...] = ()
-    # Where each projection lives, as a dotted path inside one layer. gate is None for a
-    # plain (non-gated) FFN such as BERT's.
-    paths = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-             "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-             "down": "mlp.down_proj"}
-    attention_path = "self_attn"        # the module whose head-count attributes HF reads
-    layers_path = "model.layers"
-    backbone_path = "model"
-    auto_model_class = "AutoModelForCausalLM"
-    causal_lm = True
+    """Adapter for the LLaMA-like families (q/k/v/o + gate/up/down; Mistral, Qwen2/3)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        cfg = model.config
-        self.config = cfg
+        cfg = self.config = model.config
+        self.spec = remote.family_spec(cfg.model_type)
+        self.paths = {role: path for role, (path, _, _) in self.spec["projections"].items()}
         self.hidden_size = cfg.hidden_size
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = remote.head_dim_of(cfg)
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.intermediate_size = cfg.intermediate_size
@@ -37,16 +30,25 @@ class DecoderAdapter:
     def family(self) -> str:
         return self.config.model_type
 
-    def layers(self) -> nn.ModuleList:
-        return self.model.get_submodule(self.layers_path)
+    @property
+    def auto_model_class(self) -> str:
+        return self.spec["auto_class"]
+
+    @property
+    def causal_lm(self) -> bool:
+        return self.auto_model_class == "AutoModelForCausalLM"
 
     def backbone(self) -> nn.Module:
-        """The module whose forward runs embeddings, rotary, masks and then the layers."""
-        return self.model.get_submodule(self.backbone_path)
+        """The module whose forward runs embeddings, rotary, masks and then the layers: the
+        base model (LlamaForCausalLM.model; a bare BertModel is its own base model)."""
+        return self.model.base_model
+
+    def layers(self) -> nn.ModuleList:
+        return self.backbone().get_submodule(self.spec["layers"])
 
     def linear(self, layer, role: str) -> nn.Linear | None:
         """The projection `role` (q, k, v, o, gate, up, down) of `layer`; None if absent."""
-        path = self.paths[role]
+        path = self.paths.get(role)
         return None if path is None else layer.get_submodule(path)
 
     def set_linear(self, layer, role: str, module: nn.Linear) -> None:
@@ -54,7 +56,7 @@ class DecoderAdapter:
         setattr(layer.get_submodule(parent) if parent else layer, name, module)
 
     def attention(self, layer) -> nn.Module:
-        return layer.get_submodule(self.attention_path)
+        return layer.get_submodule(self.spec["attention"])
 
     def qkv(self, layer) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
         return tuple(self.linear(layer, r) for r in ("q", "k", "v"))
@@ -77,12 +79,10 @@ class DecoderAdapter:
                 self.down_proj(layer).in_features)
 
     def set_layer_geometry(self, layer, num_heads: int, num_kv_heads: int) -> None:
-        """Tell the attention module its new head counts (HF reads num_key_value_groups)."""
-        a = self.attention(layer)
-        a.num_key_value_groups = num_heads // num_kv_heads
-        for attr, val in (("num_heads", num_heads), ("num_key_value_heads", num_kv_heads)):
-            if hasattr(a, attr):
-                setattr(a, attr, val)
+        """Tell the attention module its new head counts (the same code the checkpoint's
+        standalone modeling file runs on load)."""
+        remote.set_attention_geometry(self.attention(layer), num_heads, num_kv_heads,
+                                      self.head_dim)
 
     @staticmethod
     def _numel(linear: nn.Linear) -> int:
@@ -106,18 +106,10 @@ class DecoderAdapter:
         return sum(self.layer_params(layer) for layer in self.layers())
 
     def total_params(self) -> int:
-        seen, n = set(), 0
-        for p in self.model.parameters():      # tied embeddings counted once
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                n += p.numel()
-        return n
+        """Every parameter once (tied embeddings count once)."""
+        return self.model.num_parameters()
 
     def check_geometry(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_kv_heads}: GQA cannot be honoured")
-
-    @torch.no_grad()
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype

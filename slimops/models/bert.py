@@ -8,43 +8,19 @@ head per query head), biases on every projection and a plain GELU FFN:
 
 Head pruning removes rows of query/key/value (and their biases) and columns of
 attention.output.dense; HF's BertSelfAttention reshapes with -1 heads, so only its
-`num_attention_heads` / `all_head_size` attributes need updating.
+`num_attention_heads` / `all_head_size` attributes need updating (remote_modeling).
 """
-from torch import nn
-
-from . import register
 from .base import DecoderAdapter
 
 
-@register
 class BertAdapter(DecoderAdapter):
-    model_types = ("bert",)
-    paths = {"q": "attention.self.query", "k": "attention.self.key",
-             "v": "attention.self.value", "o": "attention.output.dense", "gate": None,
-             "up": "intermediate.dense", "down": "output.dense"}
-    attention_path = "attention.self"
-    auto_model_class = "AutoModel"
-    causal_lm = False
-
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        # A bare BertModel is its own base model; task-head models keep it under
-        # base_model_prefix ("bert"), so the layer paths gain that prefix.
-        base = getattr(model, "base_model", model)
-        prefix = "" if base is model else f"{model.base_model_prefix}."
-        self.backbone_path = prefix.rstrip(".")        # "" is the model itself
-        self.layers_path = f"{prefix}encoder.layer"
-        # BertConfig has no num_key_value_heads: plain MHA.
-        self.num_kv_heads = self.num_heads
+    """Paths from remote_modeling.BERT_LIKE; adds BERT's own rules (MHA, encoder only)."""
 
     def set_layer_geometry(self, layer, num_heads: int, num_kv_heads: int) -> None:
-        """BertSelfAttention keeps its head count and the q/k/v width as attributes."""
         if num_heads != num_kv_heads:
             raise ValueError(f"BERT attention is multi-head: {num_heads} query heads need as "
                              f"many KV heads, got {num_kv_heads}")
-        attn = self.attention(layer)
-        attn.num_attention_heads = num_heads
-        attn.all_head_size = num_heads * attn.attention_head_size
+        super().set_layer_geometry(layer, num_heads, num_kv_heads)
 
     def check_geometry(self) -> None:
         if getattr(self.config, "is_decoder", False) or getattr(

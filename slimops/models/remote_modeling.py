@@ -39,14 +39,15 @@ except ImportError:     # transformers 4: the same role under its old name
 
 SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 HEAD_KEYS = ("num_attention_heads", "num_key_value_heads")      # widths in heads x head_dim
-# Per family: where the layers sit inside model.base_model, the attention module whose
-# head-count attributes the stock forward reads, whether the stock config honours an
-# explicit head_dim, which shape keys its config has, and each projection as role -> (dotted path inside one layer, side
-# whose width changes, shape key giving the width). Must match slimops' adapters
-# (tests/test_bert.py checks).
+# The one table of supported families: model_type -> spec. A spec says where the layers
+# sit inside model.base_model, the attention module whose head-count attributes the stock
+# forward reads, whether the stock config honours an explicit head_dim, which shape keys
+# its config has, the Auto class that loads it, and each projection as role -> (dotted path
+# inside one layer, side whose width changes, shape key giving the width). slimops' adapters
+# derive everything from it (slimops/models), so a new LLaMA-like family is one row here.
 LLAMA_LIKE = {
-    "layers": "layers", "attention": "self_attn", "explicit_head_dim": True,
-    "config_keys": SHAPE_KEYS,
+    "kind": "llama-like", "layers": "layers", "attention": "self_attn",
+    "explicit_head_dim": True, "config_keys": SHAPE_KEYS, "auto_class": "AutoModelForCausalLM",
     "projections": {
         "q": ("self_attn.q_proj", "out", "num_attention_heads"),
         "k": ("self_attn.k_proj", "out", "num_key_value_heads"),
@@ -57,10 +58,12 @@ LLAMA_LIKE = {
         "down": ("mlp.down_proj", "in", "intermediate_size"),
     },
 }
+# BERT-style encoders: post-LayerNorm MHA, biases everywhere, a plain GELU FFN (no gate).
 # BertConfig ignores head_dim: attention_head_size is always hidden_size // heads.
 BERT_LIKE = {
-    "layers": "encoder.layer", "attention": "attention.self", "explicit_head_dim": False,
-    "config_keys": ("num_attention_heads", "intermediate_size"),      # MHA: no KV count
+    "kind": "bert-like", "layers": "encoder.layer", "attention": "attention.self",
+    "explicit_head_dim": False, "config_keys": ("num_attention_heads", "intermediate_size"),
+    "auto_class": "AutoModel",
     "projections": {
         "q": ("attention.self.query", "out", "num_attention_heads"),
         "k": ("attention.self.key", "out", "num_key_value_heads"),
@@ -70,11 +73,18 @@ BERT_LIKE = {
         "down": ("output.dense", "in", "intermediate_size"),
     },
 }
-FAMILY_SPECS = {"bert": BERT_LIKE}     # every other family is LLaMA-like
+# Qwen2 adds q/k/v biases, Qwen3 per-head q_norm/k_norm over head_dim (shared by all heads,
+# so head pruning leaves them untouched); Mistral is LLaMA with sliding-window attention.
+FAMILY_SPECS = {"llama": LLAMA_LIKE, "mistral": LLAMA_LIKE, "qwen2": LLAMA_LIKE,
+                "qwen3": LLAMA_LIKE, "bert": BERT_LIKE}
 
 
 def family_spec(model_type: str) -> dict:
-    return FAMILY_SPECS.get(model_type, LLAMA_LIKE)
+    try:
+        return FAMILY_SPECS[model_type]
+    except KeyError:
+        raise ValueError(f"unsupported model family {model_type!r}; slimops supports "
+                         f"{', '.join(sorted(FAMILY_SPECS))}") from None
 
 
 def bias_key(role: str) -> str:
