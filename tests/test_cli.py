@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from helpers import SAMPLE_TEXT
+from helpers import SAMPLE_TEXT, make_tiny_model
 from slimops.cli import main
 
 
@@ -94,3 +94,39 @@ def test_prune_aligned_and_baseline(saved_tiny_model, text_file, tmp_path):
             for shape in report["layer_shapes"]:
                 assert shape["intermediate_size"] % 8 == 0 or shape["intermediate_size"] == 160
                 assert shape["num_attention_heads"] == 2 * shape["num_key_value_heads"]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert sum("error" in line for line in err) == 1, err
+    return err[-1]
+
+
+def test_unsupported_family_is_said_first(tmp_path, text_file, capsys):
+    """A GPT-2 folder without a tokenizer: the family is refused before the tokenizer is
+    looked for (not "the calibration text has 0 tokens")."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(folder)
+    assert main(["prune", str(folder), "--calib", str(text_file), "--out", str(tmp_path / "o")]) == 2
+    line = _one_error_line(capsys)
+    assert "unsupported model family 'gpt2'" in line and "llama" in line
+
+
+def test_folder_without_tokenizer_is_said(tmp_path, text_file, capsys):
+    folder = tmp_path / "no-tokenizer"
+    make_tiny_model("llama").save_pretrained(folder)
+    assert main(["prune", str(folder), "--calib", str(text_file), "--out", str(tmp_path / "o")]) == 2
+    assert "has no tokenizer" in _one_error_line(capsys)
+
+
+def test_truncated_safetensors_is_one_clear_line(saved_tiny_model, text_file, tmp_path, capsys):
+    weights = saved_tiny_model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "o"
+    assert main(["prune", str(saved_tiny_model), "--calib", str(text_file), "--nsamples", "4",
+                 "--seqlen", "32", "--out", str(out)]) == 2
+    line = _one_error_line(capsys)
+    assert "unreadable" in line and "truncated or corrupt" in line and str(saved_tiny_model) in line
+    assert not out.exists()
