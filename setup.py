@@ -4,8 +4,10 @@ Metadata and dependencies live in pyproject.toml; this file only decides what to
 Install with `pip install --no-build-isolation -e ".[dev]"` (see pyproject.toml: the
 extension is compiled against the torch that is already installed).
 
-Extension choice (DESIGN.md):
+Extension choice (ARCHITECTURE.md):
   * SLIMOPS_NO_EXT=1                      -> no extension: pure Python, reference kernels
+  * torch not importable at build time    -> the same, with a warning: a plain `pip install .`
+    (build isolation hides the installed torch)  runs setup.py in a fresh environment
   * torch has CUDA, CUDA_HOME is set and
     nvcc's major version == torch's CUDA  -> CUDAExtension: csrc/**/*.cpp + csrc/**/cuda/*.cu
   * otherwise                             -> CppExtension: csrc/**/*.cpp (CPU kernels)
@@ -14,6 +16,7 @@ import glob
 import os
 import re
 import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
@@ -54,15 +57,29 @@ def _cuda_reason(torch, cuda_home):
     return None
 
 
+NO_TORCH = ("slimops: WARNING: torch is not importable at build time (pip's build isolation "
+            "hides the installed torch), so the C++/CUDA kernels are not built and the ops run "
+            "their slower PyTorch references. For the kernels: pip install torch first, then "
+            "pip install --no-build-isolation .")
+
+
+def _pure_python(message, drop_stale=False):
+    if drop_stale:  # an editable build left slimops/_C*.so in the tree: it would keep loading
+        for stale in glob.glob(os.path.join(ROOT, "slimops", "_C.*")):
+            os.remove(stale)
+    print(message, file=sys.stderr)
+    return [], {}
+
+
 def extensions():
     """(ext_modules, cmdclass) for slimops._C, or ([], {}) for a pure-Python install."""
     if os.environ.get("SLIMOPS_NO_EXT", "0") not in ("", "0"):
-        # An editable build leaves slimops/_C*.so in the tree; drop it, or it keeps loading.
-        for stale in glob.glob(os.path.join(ROOT, "slimops", "_C.*")):
-            os.remove(stale)
-        print("slimops: SLIMOPS_NO_EXT set, building no extension (pure Python)")
-        return [], {}
-    import torch  # needed at build time: hence --no-build-isolation
+        return _pure_python("slimops: SLIMOPS_NO_EXT set, building no extension (pure Python)",
+                            drop_stale=True)
+    try:
+        import torch  # the extension compiles against it: hence --no-build-isolation
+    except ImportError:
+        return _pure_python(NO_TORCH)
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     cpp = [p for p in _sources("csrc/**/*.cpp") if f"{os.sep}cuda{os.sep}" not in p]
