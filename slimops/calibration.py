@@ -86,12 +86,16 @@ def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int = 
     the BOS token (as in LLM-QAT's / SlimGPT's data-free ablations)."""
     torch.manual_seed(seed)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    # Every sequence has exactly seqlen tokens, so nothing is ever padded; the pad id only has
+    # to differ from the start token (HF warns of "right padding" when a prompt ends in pad).
+    pad = (start + 1) % len(tokenizer)
     device = next(model.parameters()).device
     out = []
     for n in range(0, nsamples, batch_size):
         b = min(batch_size, nsamples - n)
         prompt = torch.full((b, 1), start, dtype=torch.long, device=device)
-        seq = model.generate(prompt, do_sample=True, top_k=0, top_p=1.0, max_length=seqlen + 1,
-                             min_length=seqlen + 1, pad_token_id=start)
+        seq = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                             top_k=0, top_p=1.0, max_length=seqlen + 1, min_length=seqlen + 1,
+                             pad_token_id=pad)
         out.append(seq[:, 1: seqlen + 1].cpu())
     return torch.cat(out)

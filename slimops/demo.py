@@ -36,6 +36,11 @@ def demo_data(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor, str]:
     return calib, test, "model-sampled text (data-free fallback)"
 
 
+def _shown(path: Path) -> str:
+    """The path relative to the slimops package (the same on every machine)."""
+    return f"slimops/{path.relative_to(Path(__file__).parent).as_posix()}"
+
+
 def run_demo(ratio: float = 0.2, out: str | None = None, device: str = "cpu",
              eval_windows: int = EVAL_WINDOWS) -> dict:
     from .checkpoint import save_pruned
@@ -45,7 +50,7 @@ def run_demo(ratio: float = 0.2, out: str | None = None, device: str = "cpu",
     dense, tokenizer = load_model(str(REFERENCE_MODEL))
     calib, test, source = demo_data(dense, tokenizer)
     windows = min(eval_windows or test.numel(), test.numel() // EVAL_SEQLEN)
-    print(f"reference model: {REFERENCE_MODEL}\ndata: {source}; calibration "
+    print(f"reference model: {_shown(REFERENCE_MODEL)}\ndata: {source}; calibration "
           f"{calib.shape[0]} x {calib.shape[1]} tokens; ppl on {windows} windows of "
           f"{EVAL_SEQLEN} tokens ({windows * EVAL_SEQLEN:,} of {test.numel():,} test tokens)")
 

@@ -50,8 +50,34 @@ def test_demo_prunes_20_percent_with_small_ppl_change(tmp_path, capsys):
     report = result["report"]
     assert abs(report.achieved_ratio - 0.2) <= 0.01
     assert result["pruned_ppl"] < 1.15 * result["dense_ppl"]
-    assert "| slimgpt 20% |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| slimgpt 20% |" in printed
+    assert "reference model: slimops/assets/reference_model\n" in printed   # same on every machine
     import slimops
     model, tok = slimops.load(tmp_path / "pruned")
     ids = torch.tensor([tok("The os module", add_special_tokens=False)["input_ids"]])
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+
+
+def test_data_free_calibration_is_quiet():
+    """The fallback a newcomer without python3-doc sees: no transformers warnings (attention
+    mask, right padding) while sampling calibration text from the model."""
+    import logging
+    import warnings
+    from slimops.calibration import sample_from_model
+    from slimops.pipeline import load_model
+    model, tokenizer = load_model(str(REFERENCE_MODEL))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ids = sample_from_model(model, tokenizer, 3, 8, seed=0, batch_size=2)
+    finally:
+        hf_logger.removeHandler(handler)
+    assert ids.shape == (3, 8)
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+    assert [str(w.message) for w in caught] == []
