@@ -170,11 +170,6 @@ def held_out_sentences(n: int, seed: int = 0) -> list[str]:
     return _sample("test", n, seed)
 
 
-def calibration_sentences(n: int, seed: int = 0) -> list[str]:
-    """`n` sentences from the corpus TRAIN split (never in held_out_sentences)."""
-    return _sample("train", n, seed)
-
-
 def _calibration_stream(tokenizer, need: int, seed: int, per_file: int) -> list[int]:
     """Token ids of TRAIN sentences: files in a seeded order, up to `per_file` random
     sentences from each (variety without cleaning all ~10 MB of the split)."""

@@ -25,35 +25,13 @@ import torch
 
 log = logging.getLogger("slimops")
 
-# CPU: off. Measured with benchmarks/bench_align.py on the 2-core AMD EPYC (Zen 3, AVX2,
-# MKL fp32, 2 threads, shared machine, load 0.7-1.7), 2026-11-23, two runs:
-#   * FFN gate+up+down, hidden 1024, widths 1600..2004: per-channel time of w+1 over a
-#     multiple of 8 w, paired in the same round: decode (T=1) 1.00 / 1.00, prefill T=128
-#     1.02 / 1.02, T=512 1.06 / 1.13; multiples of 16..128 gain nothing over multiples of
-#     8. The cost is in gate/up (output rows of odd length): alone, +9% at T=128 and +38% at
-#     T=512 for odd widths; down (the width is its K) is unaffected.
-#   * whole model (hidden 1024, FFN 2816, 16q/4kv, 8 layers, slimgpt 30% log), speed-up vs
-#     dense, unaligned / --align 8 / --align 64: decode 1.23-1.24x / 1.21-1.24x /
-#     1.21-1.28x; prefill 128 tokens 1.26-1.37x / 1.38-1.48x / 1.38-1.48x; prefill 512
-#     tokens 1.10-1.35x / 1.33-1.36x / 1.38-1.40x. Same shapes sliced by hand, prefill 512,
-#     median of 12: unaligned 1.33x, FFN rounded to 8 (heads as unaligned) 1.40x, whole
-#     groups with the unaligned FFN 1.35x: the gain is the FFN rounding.
-#   * accuracy (shipped reference model, 8q/2kv, ppl dense 43.53, 256 test windows):
-#     20%: unaligned 44.65, --align 8 45.59, --align 64 45.59, FFN-only align 8 44.65;
-#     30%: 45.51 / 46.22 / 46.21 / 45.52. The loss is all from the whole-KV-group rule.
-# So on CPU --align buys nothing at batch-1 decode and a few % at long prefills, for ~2%
-# perplexity: off by default. FFN-only alignment to 8 (whole_kv_groups=False) is free in
-# accuracy and keeps the prefill gain: the better CPU setting where it can be chosen.
+# CPU: off. bench_align.py (benchmarks/RESULTS.md, "Alignment on CPU"): odd FFN widths
+# cost nothing at batch-1 decode and 2-13% at long prefills, and whole-KV-group pruning costs
+# ~2% perplexity; FFN-only alignment to 8 (whole_kv_groups=False) is free in accuracy.
 CPU_DEFAULT = 1
-# CUDA, bf16/fp16 tensor cores (H100) -- NOT MEASURED (no GPU on the development machine).
-# 64 because: TMA descriptors need 16-byte-aligned row strides, i.e. widths that are
-# multiples of 8 bf16 elements (the gate/up outputs and down's weight rows have the FFN
-# width as stride), else cuBLASLt leaves its TMA kernels; Hopper wgmma has N in steps of 8
-# up to 256 and cuBLAS/CUTLASS tiles are 64..256 wide, so a multiple of 64 leaves no
-# partial tile in gate/up's N and no masked K-tail in down (a 64-element bf16 K tile is
-# one 128-byte swizzled row); whole KV groups keep the dense model's query heads per KV
-# head (4, 8: the GQA ratios fused attention kernels are tuned for) in every layer.
-# 128 fills 128-wide tiles too, at twice the rounding step.
+# CUDA: 64, reasoned, NOT MEASURED (benchmarks/RESULTS.md): 16-byte row strides for TMA,
+# no partial 64..256-wide wgmma tiles in gate/up's N or masked K tail in down, and whole KV
+# groups keep the GQA ratio fused attention kernels are tuned for.
 CUDA_DEFAULT = 64
 
 
