@@ -147,7 +147,7 @@ def _save_tokenizer(folder: Path, tokenizer) -> bool:
 
     transformers 5 picks the tokenizer class from config.model_type for some families
     (qwen2 -> Qwen2Tokenizer, whatever tokenizer_config.json says), which re-tokenizes
-    with its own pre-tokenizer: same text, other ids, no error (see DESIGN.md pitfalls).
+    with its own pre-tokenizer: same text, other ids, no error (ARCHITECTURE.md, pitfalls).
     """
     tokenizer.save_pretrained(folder)
     want = _tokenizer_fingerprint(tokenizer)
