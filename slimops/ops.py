@@ -12,7 +12,9 @@ import os
 
 import torch
 
+from slimops.kernels.hessian import checks as hessian_checks
 from slimops.kernels.hessian import reference as hessian_ref
+from slimops.kernels.obs import checks as obs_checks
 from slimops.kernels.obs import reference as obs_ref
 from slimops.kernels.slice_gemm import checks as slice_checks
 from slimops.kernels.slice_gemm import reference as slice_ref
@@ -37,49 +39,15 @@ else:
 
 
 # --- pure-Python fallback: the references, wrapped to the ops' exact contracts ----------
-
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise RuntimeError(msg)
-
-
-def _check_indices(op: str, idx: torch.Tensor, d: int) -> None:
-    _check(idx.dtype == torch.int64, f"{op}: column indices must be int64, got {idx.dtype}")
-    if idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
-        _check(lo >= 0 and hi < d, f"{op}: column indices must lie in [0, d={d}), got values in [{lo}, {hi}]")
-
-
-def _check_w_hinv(op: str, W: torch.Tensor, Hinv: torch.Tensor) -> None:
-    _check(W.dim() == 2 and Hinv.dim() == 2 and Hinv.shape[0] == Hinv.shape[1] == W.shape[1],
-           f"{op}: W must be (r, d) and Hinv (d, d), got {tuple(W.shape)} and {tuple(Hinv.shape)}")
-    _check(W.dtype == Hinv.dtype == torch.float32,
-           f"{op}: W and Hinv must be float32, got {W.dtype} and {Hinv.dtype}")
-
+# Each family's checks.py holds the one Python copy of its C++ kernel's checks and messages.
 
 def _hessian_accumulate_py(H, X, group_ids, scale):
-    op = "hessian_accumulate"
-    _check(H.dim() == 3 and H.shape[1] == H.shape[2] and H.shape[0] >= 1,
-           f"{op}: H must have shape (G, d, d), got {tuple(H.shape)}")
-    _check(H.dtype == torch.float32, f"{op}: H must be float32 (the accumulator), got {H.dtype}")
-    _check(X.dim() == 2, f"{op}: X must have shape (T, d), got {tuple(X.shape)}")
-    _check(X.shape[1] == H.shape[1], f"{op}: X has width {X.shape[1]} but H is {H.shape[1]} x {H.shape[2]}")
-    _check(X.dtype in (torch.float32, torch.bfloat16, torch.float16),
-           f"{op}: X must be float32, bfloat16 or float16, got {X.dtype}")
-    if group_ids is None:
-        _check(H.shape[0] == 1, f"{op}: H has G={H.shape[0]} groups but group_ids is None")
-    else:
-        _check(group_ids.shape == (X.shape[0],), f"{op}: group_ids must have shape (T,)=({X.shape[0]},)")
-        _check(group_ids.dtype == torch.int64, f"{op}: group_ids must be int64, got {group_ids.dtype}")
-        _check(group_ids.numel() == 0 or (int(group_ids.min()) >= 0 and int(group_ids.max()) < H.shape[0]),
-               f"{op}: group ids must lie in [0, G={H.shape[0]})")
+    hessian_checks.check_inputs(H, X, group_ids)
     hessian_ref.hessian_accumulate(H, X, group_ids, scale)
 
 
 def _obs_group_errors_py(W, Hinv, groups):
-    _check_w_hinv("obs_group_errors", W, Hinv)
-    _check(groups.dim() == 2, f"obs_group_errors: groups must have shape (B, s), got {tuple(groups.shape)}")
-    _check_indices("obs_group_errors", groups, Hinv.shape[0])
+    obs_checks.check_errors_inputs(W, Hinv, groups)
     blocks = Hinv[groups.unsqueeze(-1), groups.unsqueeze(-2)]           # (B, s, s)
     L, info = obs_ref.block_cholesky(blocks)
     err = obs_ref.group_errors(W[:, groups].permute(1, 0, 2), L)        # W_blocks (B, r, s)
@@ -87,9 +55,7 @@ def _obs_group_errors_py(W, Hinv, groups):
 
 
 def _obs_group_update_py(W, Hinv, idx):
-    _check_w_hinv("obs_group_update", W, Hinv)
-    _check(idx.dim() == 1, f"obs_group_update: idx must be a 1-D tensor of column indices, got {tuple(idx.shape)}")
-    _check_indices("obs_group_update", idx, Hinv.shape[0])
+    obs_checks.check_update_inputs(W, Hinv, idx)
     _, info = torch.linalg.cholesky_ex(Hinv[idx][:, idx])
     if idx.numel() > 0 and int(info) == 0:       # not PD: leave W and Hinv untouched
         obs_ref.group_update(W, Hinv, idx)
@@ -181,42 +147,50 @@ def backend_for(op: str, device: torch.device) -> str:
     return "cuda" if has_kernel(op, "cuda") else "triton"
 
 
-def _dispatch(op: str, device: torch.device, *args):
+def _dispatch(op: str, device: torch.device, *args, check_indices: bool = True):
+    # check_indices=False: the caller validated its index tensors once per plan, so the Triton
+    # launcher skips the range check, a device sync per call. The C++ kernels check anyway:
+    # without a sync on CPU, on the device for CUDA slice_gemm, with one sync for CUDA obs /
+    # hessian (a schema flag would be needed to skip it there).
     if backend_for(op, device) == "triton":
-        return _triton_kernel(op)(*args)
+        return _triton_kernel(op)(*args, check_indices=check_indices)
     return getattr(torch.ops.slimops, op)(*args)
 
 
 # --- public API --------------------------------------------------------------------------
 
 def hessian_accumulate(H: torch.Tensor, X: torch.Tensor, group_ids: torch.Tensor | None = None,
-                       scale: float = 1.0) -> None:
+                       scale: float = 1.0, *, check_indices: bool = True) -> None:
     """In place: H[g] += scale * X_g^T X_g. H (G, d, d) fp32; X (..., d) fp32/bf16/fp16 (leading
     dims are flattened); group_ids (...,) int64 in [0, G), or None when G == 1."""
     X = X.reshape(-1, X.shape[-1])
     if group_ids is not None:
         group_ids = group_ids.reshape(-1)
-    _dispatch("hessian_accumulate", H.device, H, X, group_ids, float(scale))
+    _dispatch("hessian_accumulate", H.device, H, X, group_ids, float(scale), check_indices=check_indices)
 
 
-def obs_group_errors(W: torch.Tensor, Hinv: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+def obs_group_errors(W: torch.Tensor, Hinv: torch.Tensor, groups: torch.Tensor, *,
+                     check_indices: bool = True) -> torch.Tensor:
     """OBS error of removing each group of columns: (B,) fp32, +inf where Hinv[S,S] is not PD.
     W (r, d) fp32, Hinv (d, d) fp32, groups (B, s) int64 column indices."""
-    return _dispatch("obs_group_errors", W.device, W, Hinv, groups)
+    return _dispatch("obs_group_errors", W.device, W, Hinv, groups, check_indices=check_indices)
 
 
-def obs_group_update(W: torch.Tensor, Hinv: torch.Tensor, idx: torch.Tensor) -> int:
+def obs_group_update(W: torch.Tensor, Hinv: torch.Tensor, idx: torch.Tensor, *,
+                     check_indices: bool = True) -> int:
     """Remove columns idx: OBS update of W and rank-s downdate of Hinv, in place. Returns 0 on
     success, > 0 when Hinv[idx, idx] is not PD (then W and Hinv are unchanged: refactorise)."""
-    return int(_dispatch("obs_group_update", W.device, W, Hinv, idx).item())
+    return int(_dispatch("obs_group_update", W.device, W, Hinv, idx, check_indices=check_indices).item())
 
 
 def slice_gemm(X: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = None,
                in_idx: torch.Tensor | None = None, out_idx: torch.Tensor | None = None,
-               in_block: int = 1) -> torch.Tensor:
+               in_block: int = 1, *, check_indices: bool = True) -> torch.Tensor:
     """Y = X[:, I] @ W[J][:, I]^T (+ bias[J]), I = kept input blocks of width in_block (heads:
-    head_dim; channels: 1), J = kept output rows (None keeps all); gathered in-kernel."""
-    return _dispatch("slice_gemm", X.device, X, W, bias, in_idx, out_idx, int(in_block))
+    head_dim; channels: 1), J = kept output rows (None keeps all); gathered in-kernel.
+    check_indices=False (every op here takes it): indices already validated once per plan."""
+    return _dispatch("slice_gemm", X.device, X, W, bias, in_idx, out_idx, int(in_block),
+                     check_indices=check_indices)
 
 
 def backends() -> dict[str, str]:

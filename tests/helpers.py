@@ -3,6 +3,7 @@ markers and the per-op bad-input contracts. Fixtures live in conftest.py; tests 
 plain helpers from here (`from helpers import ...`), never from another test file."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import random
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from slimops import ops
+from slimops.kernels.obs import reference as obs_reference
 from slimops.plan import LayerPlan, PruningPlan
 
 # --- devices -------------------------------------------------------------------------------
@@ -19,6 +21,12 @@ from slimops.plan import LayerPlan, PruningPlan
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"      # where the Triton tests run (interpreter on CPU)
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+# the C++ kernels' own promises (exact symmetry, IEEE products); the Python fallback is the
+# plain reference and makes neither
+needs_cpp_ext = pytest.mark.skipif(not ops.backends()["cpu"].startswith("C++"),
+                                   reason="needs the C++ extension slimops._C")
 
 
 def needs_cuda_op(op: str):
@@ -99,6 +107,22 @@ def make_tiny_model(family: str = "llama", layers: int = 3, seed: int = 0, pertu
     return model
 
 
+def make_tiny_bert(cls: str = "BertModel", seed: int = 0):
+    """Tiny random BERT (hidden 64, 4 heads, FFN 96, 2 layers, vocab 128) whose layers
+    matter: larger init than HF's 0.02 and random biases / LayerNorm affines."""
+    import transformers
+    config = transformers.BertConfig(vocab_size=128, hidden_size=64, num_attention_heads=4,
+                                     num_hidden_layers=2, intermediate_size=96,
+                                     max_position_embeddings=64, initializer_range=0.1)
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
 SAMPLE_TEXT = (
     "The quick brown fox jumps over the lazy dog. Python is a programming language that lets "
     "you work quickly and integrate systems more effectively. A list is a mutable sequence; "
@@ -170,29 +194,105 @@ except ImportError:
 
 # --- op contracts: bad inputs and the error each backend must raise ---------------------------
 
+# What every op's torch.library.opcheck test runs: opcheck's autograd check needs inputs that
+# require grad, and these ops mutate their inputs and are not differentiable.
+OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+
+# Each `make(dev)` builds its tensors ON `dev`: moving a strided view to another device makes
+# a contiguous copy, so a "must be contiguous" case built on the CPU never fires on a GPU.
+
+def _on(dev, *tensors):
+    return tuple(None if t is None else t.to(dev) for t in tensors)
+
+
+def raised(fn, *args) -> str:
+    """The message of the RuntimeError fn(*args) must raise (Python and C++ checks compare)."""
+    with pytest.raises(RuntimeError) as exc:
+        fn(*args)
+    return str(exc.value)
+
+
 HESSIAN_BAD_INPUTS = [
-    (lambda: (torch.zeros(1, 4, 4, dtype=torch.float64), torch.randn(3, 4), None), "H must be float32"),
-    (lambda: (torch.zeros(4, 4), torch.randn(3, 4), None), r"H must have shape \(G, d, d\)"),
-    (lambda: (torch.zeros(1, 4, 4), torch.randn(3, 5), None), "X has width 5 but H is 4 x 4"),
-    (lambda: (torch.zeros(1, 4, 4), torch.ones(3, 4, dtype=torch.int32), None), "X must be float32, bfloat16"),
-    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), None), "group_ids is None"),
-    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 3, 1])), r"must lie in \[0, G=3\)"),
-    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, -1, 1])), r"must lie in \[0, G=3\)"),
-    (lambda: (torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 1])), r"group_ids must have shape \(T,\)"),
-    (lambda: (torch.zeros(2, 4, 4), torch.randn(3, 4), torch.tensor([0., 1., 1.])), "group_ids must be int64"),
-    (lambda: (torch.zeros(1, 4, 8)[:, :, ::2], torch.randn(3, 4), None), "H must be contiguous"),
+    (lambda dev: _on(dev, torch.zeros(1, 4, 4, dtype=torch.float64), torch.randn(3, 4), None), "H must be float32"),
+    (lambda dev: _on(dev, torch.zeros(4, 4), torch.randn(3, 4), None), r"H must have shape \(G, d, d\)"),
+    (lambda dev: _on(dev, torch.zeros(1, 4, 4), torch.randn(3, 5), None), "X has width 5 but H is 4 x 4"),
+    (lambda dev: _on(dev, torch.zeros(1, 4, 4), torch.ones(3, 4, dtype=torch.int32), None),
+     "X must be float32, bfloat16"),
+    (lambda dev: _on(dev, torch.zeros(3, 4, 4), torch.randn(3, 4), None), "group_ids is None"),
+    (lambda dev: _on(dev, torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 3, 1])),
+     r"must lie in \[0, G=3\)"),
+    (lambda dev: _on(dev, torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, -1, 1])),
+     r"must lie in \[0, G=3\)"),
+    (lambda dev: _on(dev, torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 1])),
+     r"group_ids must have shape \(T,\)"),
+    (lambda dev: _on(dev, torch.zeros(2, 4, 4), torch.randn(3, 4), torch.tensor([0., 1., 1.])),
+     "group_ids must be int64"),
+    (lambda dev: (torch.zeros(1, 4, 8, device=dev)[:, :, ::2], torch.randn(3, 4, device=dev), None),
+     "H must be contiguous"),
 ]
 
 OBS_BAD_INPUTS = [
-    ("obs_group_errors", lambda: (torch.randn(3, 5), torch.eye(4), torch.zeros(1, 2, dtype=torch.long)), "Hinv"),
-    ("obs_group_errors", lambda: (torch.randn(3, 4).double(), torch.eye(4).double(),
-                                  torch.zeros(1, 2, dtype=torch.long)), "must be float32"),
-    ("obs_group_errors", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 4]])), r"lie in \[0, d=4\)"),
-    ("obs_group_errors", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([0, 1])), r"shape \(B, s\)"),
-    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 1]])), "1-D"),
-    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([0., 1.])), "int64"),
-    ("obs_group_update", lambda: (torch.randn(3, 4), torch.eye(4), torch.tensor([-1])), r"lie in \[0, d=4\)"),
+    ("obs_group_errors", lambda dev: _on(dev, torch.randn(3, 5), torch.eye(4), torch.zeros(1, 2, dtype=torch.long)),
+     "Hinv"),
+    ("obs_group_errors", lambda dev: _on(dev, torch.randn(3, 4).double(), torch.eye(4).double(),
+                                         torch.zeros(1, 2, dtype=torch.long)), "must be float32"),
+    ("obs_group_errors", lambda dev: _on(dev, torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 4]])),
+     r"lie in \[0, d=4\)"),
+    ("obs_group_errors", lambda dev: _on(dev, torch.randn(3, 4), torch.eye(4), torch.tensor([0, 1])),
+     r"shape \(B, s\)"),
+    ("obs_group_update", lambda dev: _on(dev, torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 1]])), "1-D"),
+    ("obs_group_update", lambda dev: _on(dev, torch.randn(3, 4), torch.eye(4), torch.tensor([0., 1.])), "int64"),
+    ("obs_group_update", lambda dev: _on(dev, torch.randn(3, 4), torch.eye(4), torch.tensor([-1])),
+     r"lie in \[0, d=4\)"),
 ]
+
+
+def hessian_fp64(H0, X, group_ids, scale):
+    """What hessian_accumulate must return, in float64."""
+    H, X = H0.double().clone(), X.double()
+    for g in range(H.shape[0]):
+        rows = X if group_ids is None else X[group_ids == g]
+        H[g] += scale * rows.T @ rows
+    return H
+
+
+def errors_fp64(W, Hinv, groups):
+    """What obs_group_errors must return, by brute force: tr(W_S inv(Hinv_SS) W_S^T) with an
+    explicit inverse, in float64."""
+    W, Hinv = W.double(), Hinv.double()
+    return torch.stack([torch.trace(W[:, S] @ torch.linalg.inv(Hinv[S][:, S]) @ W[:, S].T) for S in groups])
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """torch.set_float32_matmul_precision(precision) for a block, restored afterwards."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def check_obs_ieee(errors, update, precision, device):
+    """The obs ops' contract under a reduced fp32 matmul precision ("high": TF32 on GPUs,
+    "medium": bf16 through oneDNN on CPUs that have it, ~2e-3 relative): scores and three
+    chained updates still match float64 maths to 1e-4, as IEEE fp32 products do."""
+    gen = torch.Generator().manual_seed(8)
+    d, s = 192, 16
+    Hinv = torch.linalg.inv(spd(d, gen)).float()
+    W, Hinv = torch.randn(64, d, generator=gen).to(device), ((Hinv + Hinv.T) / 2).to(device)
+    groups = torch.randperm(d, generator=gen).view(-1, s).to(device)
+    W64, Hinv64 = W.double(), Hinv.double()
+    expected = errors_fp64(W, Hinv, groups)
+    with matmul_precision(precision):
+        err = errors(W, Hinv, groups)
+        for idx in groups[:3]:
+            assert int(update(W, Hinv, idx)) == 0
+            obs_reference.group_update(W64, Hinv64, idx)
+    assert_rel_close(err, expected, 1e-4, "errors")
+    assert_rel_close(W, W64, 1e-4, "W")
+    assert_rel_close(Hinv, Hinv64, 1e-4, "Hinv")
 
 
 def make_hessian_case(T, d, G, empty_group=None, dtype=torch.float32, device="cpu", seed=0):

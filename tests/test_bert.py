@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from helpers import BLOCK_SLIMOPS, make_tiny_model
+from helpers import BLOCK_SLIMOPS, make_tiny_bert, make_tiny_model
 
 import slimops
 from slimops import checkpoint
@@ -20,23 +20,6 @@ from slimops.models import get_adapter, remote_modeling
 from slimops.pipeline import prune_model
 from slimops.plan import LayerPlan, PruningPlan
 from slimops.slicing import apply_plan
-
-TINY = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
-            intermediate_size=96, max_position_embeddings=64, initializer_range=0.1)
-
-
-def tiny_bert(cls: str = "BertModel", seed: int = 0):
-    """Tiny random BERT whose layers matter: larger init than HF's 0.02 and random
-    biases / LayerNorm affines (HF leaves them trivial)."""
-    import transformers
-    torch.manual_seed(seed)
-    model = getattr(transformers, cls)(transformers.BertConfig(**TINY)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
 
 def tokens(n: int = 8, length: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
@@ -52,7 +35,7 @@ def outputs(model) -> torch.Tensor:
 @pytest.mark.parametrize("cls, layers", [("BertModel", "encoder.layer"),
                                          ("BertForMaskedLM", "bert.encoder.layer")])
 def test_adapter_finds_layers(cls, layers):
-    model = tiny_bert(cls)
+    model = make_tiny_bert(cls)
     adapter = get_adapter(model)
     assert adapter.layers() is model.get_submodule(layers)
     layer = adapter.layers()[0]
@@ -67,7 +50,7 @@ def test_adapter_finds_layers(cls, layers):
 def test_family_table_matches_stock_models(model_type):
     """modeling_slimops.py and the adapters read one table: every path it names must exist in
     the family's stock transformers model (a new row is checked here)."""
-    model = tiny_bert() if model_type == "bert" else make_tiny_model(model_type, layers=1)
+    model = make_tiny_bert() if model_type == "bert" else make_tiny_model(model_type, layers=1)
     spec = remote_modeling.family_spec(model_type)
     adapter = get_adapter(model)
     layer = adapter.layers()[0]
@@ -80,7 +63,7 @@ def test_family_table_matches_stock_models(model_type):
 
 # ---- SlimGPT ----------------------------------------------------------------------------
 def test_slimgpt_sliced_equals_masked():
-    masked = tiny_bert()
+    masked = make_tiny_bert()
     plan = slimgpt.prune(masked, tokens(), slimgpt.SlimGPTConfig(ratio=0.3))
     sliced = apply_plan(copy.deepcopy(masked), plan)
     torch.testing.assert_close(outputs(sliced), outputs(masked), atol=1e-5, rtol=1e-5)
@@ -97,7 +80,7 @@ def test_slimgpt_sliced_equals_masked():
 
 @pytest.fixture(scope="module")
 def pruned():
-    model = tiny_bert()
+    model = make_tiny_bert()
     plan, report = prune_model(model, tokens(), "slimgpt", 0.3)
     return model, plan, report
 
@@ -141,7 +124,7 @@ def saved(pruned, tmp_path_factory):
         if make_plan is None:
             model, plan = pruned[0], pruned[1]
         else:
-            model = tiny_bert(cls)
+            model = make_tiny_bert(cls)
             plan = make_plan(model)
             apply_plan(model, plan)
         path = slimops.save_pruned(model, root / name, plan=plan)

@@ -14,9 +14,11 @@ def test_cpu_tensors_use_cpu_backend(monkeypatch):
 def test_forced_triton_routes_to_the_triton_launcher(monkeypatch):
     calls = []
     monkeypatch.setenv("SLIMOPS_BACKEND", "triton")
-    monkeypatch.setattr(ops, "_triton_kernel", lambda op: lambda *a: calls.append(op))
+    monkeypatch.setattr(ops, "_triton_kernel", lambda op: lambda *a, **kw: calls.append((op, kw)))
     ops.hessian_accumulate(torch.zeros(1, 4, 4), torch.ones(3, 4))
-    assert calls == ["hessian_accumulate"]
+    # a caller that validated its indices once per plan skips the per-call check (a device sync)
+    ops.slice_gemm(torch.ones(3, 4), torch.ones(2, 4), out_idx=torch.tensor([1]), check_indices=False)
+    assert calls == [("hessian_accumulate", {"check_indices": True}), ("slice_gemm", {"check_indices": False})]
 
 
 def test_bad_forced_backend_is_a_clear_error(monkeypatch):

@@ -8,21 +8,11 @@ of the row block, groups with no rows, a d=11008 column slice of a wider X (GPU 
 import pytest
 import torch
 
-from helpers import (DEVICE, HESSIAN_BAD_INPUTS, assert_rel_close, make_hessian_case, needs_cuda,
-                     needs_cuda_op, triton_kernels)
+from helpers import (DEVICE, HESSIAN_BAD_INPUTS, OPCHECK_UTILS, assert_rel_close, hessian_fp64, make_hessian_case,
+                     needs_cuda, needs_cuda_op, triton_kernels)
 from slimops import ops  # noqa: F401  (registers the ops: C++ kernels or the reference)
 
 hessian_triton, needs_triton = triton_kernels("hessian")   # interpreted on CPU (conftest)
-
-OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-
-
-def hessian_fp64(H0, X, group_ids, scale):
-    H, X = H0.double().clone(), X.double()
-    for g in range(H.shape[0]):
-        rows = X if group_ids is None else X[group_ids == g]
-        H[g] += scale * rows.T @ rows
-    return H
 
 
 def make_case(T, d, G, empty_group=None, dtype=torch.float32, device=DEVICE, seed=0):
@@ -77,20 +67,28 @@ def test_triton_strided_x_and_ids_of_zeros():
     H1, H2 = torch.zeros(1, 37, 37, device=DEVICE), torch.zeros(1, 37, 37, device=DEVICE)
     hessian_triton.hessian_accumulate(H1, Xt, torch.zeros(60, dtype=torch.long, device=DEVICE))
     hessian_triton.hessian_accumulate(H2, Xt.contiguous())
-    assert_rel_close(H1, hessian_fp64(torch.zeros(1, 37, 37), Xt.cpu(), None, 1.0), 1e-5)
+    assert_rel_close(H1, hessian_fp64(torch.zeros_like(H1), Xt, None, 1.0), 1e-5)
     assert_rel_close(H1, H2, 1e-6)
 
 
-
-
-def on_device(tensors):
-    return [t.to(DEVICE) if t is not None else None for t in tensors]
+@needs_triton
+@pytest.mark.parametrize("G", [1, 3])
+def test_triton_autotunes_on_a_scratch_h(monkeypatch, G):
+    """Autotune trials add into whatever H they are given: they run on a (1, d, d) scratch, and
+    the caller's H is written once, by the chosen config (no copy of H per trial)."""
+    monkeypatch.setattr(hessian_triton, "_autotunes", lambda: True)  # one config here: force it
+    monkeypatch.setattr(hessian_triton, "_TUNED", set())
+    shapes, launch = [], hessian_triton._launch
+    monkeypatch.setattr(hessian_triton, "_launch", lambda H, *a: (shapes.append(tuple(H.shape)), launch(H, *a)))
+    run_and_check(hessian_triton.hessian_accumulate, 70, 37, G, None, torch.float32)
+    run_and_check(hessian_triton.hessian_accumulate, 70, 37, G, None, torch.float32)  # tuned: H only
+    assert shapes == [(1, 37, 37), (G, 37, 37), (G, 37, 37)]
 
 
 @needs_triton
 @pytest.mark.parametrize("make,match", HESSIAN_BAD_INPUTS)
 def test_triton_bad_input(make, match):
-    H, X, ids = on_device(make())
+    H, X, ids = make(DEVICE)
     with pytest.raises(RuntimeError, match=match):
         hessian_triton.hessian_accumulate(H, X, ids)
 
@@ -100,7 +98,7 @@ def test_triton_bad_input(make, match):
 def test_triton_cuda_large_and_no_fp32_copy():
     run_and_check(hessian_triton.hessian_accumulate, 5000, 300, 3, 1, torch.bfloat16)
     H, X, _ = make_case(8192, 256, 1, dtype=torch.bfloat16)
-    hessian_triton.hessian_accumulate(H, X)  # autotunes (and clones H) once for this key
+    hessian_triton.hessian_accumulate(H, X)  # autotunes once for this key (on a scratch H)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -109,9 +107,18 @@ def test_triton_cuda_large_and_no_fp32_copy():
     assert torch.cuda.max_memory_allocated() - before < X.numel() * 4 // 4  # no fp32 copy of X
 
 
+@needs_triton
+@needs_cuda
+def test_triton_cuda_autotune_trials_leave_h_alone():
+    # First call for d=520 (no other test uses it): every config is timed several times,
+    # each trial adding into its H. Only the chosen config's one launch may reach the caller's.
+    H, X, ids = make_case(4096, 520, 64, dtype=torch.bfloat16)
+    expected = hessian_fp64(H, X, ids, 1.0)
+    hessian_triton.hessian_accumulate(H, X, ids)
+    assert_rel_close(H, expected, LOW_PRECISION_GPU_TOL)
+
+
 # --- CUDA kernel (torch.ops.slimops on cuda tensors) -------------------------------------------
-
-
 
 def cuda_op(H, X, ids, scale):
     torch.ops.slimops.hessian_accumulate(H, X, ids, scale)
@@ -144,7 +151,7 @@ def test_cuda_op_d11008_slice(dtype):
 @needs_cuda_op("hessian_accumulate")
 @pytest.mark.parametrize("make,match", HESSIAN_BAD_INPUTS)
 def test_cuda_op_bad_input(make, match):
-    H, X, ids = on_device(make())
+    H, X, ids = make("cuda")
     with pytest.raises(RuntimeError, match=match):
         torch.ops.slimops.hessian_accumulate(H, X, ids, 1.0)
 

@@ -10,20 +10,12 @@ a GPU and a CUDA build of slimops._C exist, on the real shapes (GQA groups of 1/
 import pytest
 import torch
 
-from helpers import DEVICE, OBS_BAD_INPUTS, assert_rel_close, needs_cuda_op, spd, triton_kernels
-from slimops import ops  # registers the ops, with or without the extension
+from helpers import (DEVICE, OBS_BAD_INPUTS, OPCHECK_UTILS, assert_rel_close, check_obs_ieee, errors_fp64,
+                     needs_cuda_op, spd, triton_kernels)
+from slimops import ops  # noqa: F401  (registers the ops, with or without the extension)
 from slimops.kernels.obs import reference as obs_ref
 
 obs_triton, needs_triton = triton_kernels("obs")   # interpreted on CPU (conftest)
-
-
-
-
-
-def errors_fp64(W, Hinv, groups):
-    """Brute force: tr(W_S inv(Hinv_SS) W_S^T) with an explicit inverse, in float64."""
-    W, Hinv = W.double(), Hinv.double()
-    return torch.stack([torch.trace(W[:, S] @ torch.linalg.inv(Hinv[S][:, S]) @ W[:, S].T) for S in groups])
 
 
 def problem(r, d, gen):
@@ -152,10 +144,29 @@ def test_triton_update_edges():
 
 
 @needs_triton
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_triton_ieee_whatever_the_matmul_precision(precision):
+    check_obs_ieee(obs_triton.obs_group_errors, obs_triton.obs_group_update, precision, DEVICE)
+
+
+@needs_triton
+def test_triton_unchecked_indices_same_result():
+    gen = torch.Generator().manual_seed(9)
+    _, W, Hinv = problem(5, 40, gen)
+    groups = torch.arange(40, device=DEVICE).view(5, 8)
+    assert torch.equal(obs_triton.obs_group_errors(W, Hinv, groups, check_indices=False),
+                       obs_triton.obs_group_errors(W, Hinv, groups))
+    W2, Hinv2 = W.clone(), Hinv.clone()
+    assert int(obs_triton.obs_group_update(W, Hinv, groups[1], check_indices=False)) == 0
+    assert int(obs_triton.obs_group_update(W2, Hinv2, groups[1])) == 0
+    assert torch.equal(W, W2) and torch.equal(Hinv, Hinv2)
+
+
+@needs_triton
 @pytest.mark.parametrize("fn,args,match", OBS_BAD_INPUTS)
 def test_triton_bad_input(fn, args, match):
     with pytest.raises(RuntimeError, match=match):
-        getattr(obs_triton, fn)(*(t.to(DEVICE) for t in args()))
+        getattr(obs_triton, fn)(*args(DEVICE))
 
 
 # --- CUDA (csrc/obs/cuda/obs.cu), and Triton, on the real shapes ------------------------------
@@ -202,6 +213,19 @@ def test_cuda_update_d11008():
 
 
 @needs_cuda_op("obs_group_errors")
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_cuda_ieee_whatever_the_matmul_precision(precision):
+    check_obs_ieee(torch.ops.slimops.obs_group_errors, torch.ops.slimops.obs_group_update, precision, "cuda")
+
+
+@needs_cuda_op("obs_group_errors")
+@pytest.mark.parametrize("fn,args,match", OBS_BAD_INPUTS)
+def test_cuda_op_bad_input(fn, args, match):
+    with pytest.raises(RuntimeError, match=match):
+        getattr(torch.ops.slimops, fn)(*args("cuda"))
+
+
+@needs_cuda_op("obs_group_errors")
 def test_cuda_non_pd_and_opcheck():
     gen = torch.Generator().manual_seed(5)
     Hinv = torch.linalg.inv(spd(10, gen)).float().cuda()
@@ -213,7 +237,6 @@ def test_cuda_non_pd_and_opcheck():
     assert int(torch.ops.slimops.obs_group_update(W, bad.clone(), torch.tensor([2, 3, 4], device="cuda"))) > 0
     assert torch.equal(W, W0)
     assert torch.isinf(torch.ops.slimops.obs_group_errors(W, bad, groups)[1])
-    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(torch.ops.slimops.obs_group_errors.default, (W, Hinv, groups), test_utils=utils)
+    torch.library.opcheck(torch.ops.slimops.obs_group_errors.default, (W, Hinv, groups), test_utils=OPCHECK_UTILS)
     torch.library.opcheck(torch.ops.slimops.obs_group_update.default,
-                          (W.clone(), Hinv.clone(), torch.tensor([1, 5], device="cuda")), test_utils=utils)
+                          (W.clone(), Hinv.clone(), torch.tensor([1, 5], device="cuda")), test_utils=OPCHECK_UTILS)

@@ -5,29 +5,21 @@ Python registration of kernels/*/reference.py. Shapes are chosen to hit the kern
 d=1, widths that are not multiples of the 256-column tile (300, 513), T=4099 (one row past
 a 4096-row chunk), groups with no rows.
 """
+import re
+
 import pytest
 import torch
 
-from helpers import HESSIAN_BAD_INPUTS, OBS_BAD_INPUTS, assert_rel_close, make_hessian_case, spd
+from helpers import (HESSIAN_BAD_INPUTS, OBS_BAD_INPUTS, OPCHECK_UTILS, ROOT, assert_rel_close, check_obs_ieee,
+                     errors_fp64, hessian_fp64, make_hessian_case, needs_cpp_ext, raised, spd)
 from slimops import ops
+from slimops.kernels.hessian import checks as hessian_checks
 from slimops.kernels.hessian import reference as hessian_ref
+from slimops.kernels.obs import checks as obs_checks
 from slimops.kernels.obs import reference as obs_ref
-
-# opcheck's autograd check needs inputs that require grad; these ops mutate their inputs
-# and are not differentiable, so it does not apply.
-OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
 # --- hessian_accumulate ----------------------------------------------------------------------
-
-def hessian_fp64(H0, X, group_ids, scale):
-    H = H0.double().clone()
-    X = X.double()
-    for g in range(H.shape[0]):
-        rows = X if group_ids is None else X[group_ids == g]
-        H[g] += scale * rows.T @ rows
-    return H
-
 
 @pytest.mark.parametrize("T,d,G,empty_group", [
     (1, 1, 1, None), (50, 37, 1, None), (4099, 37, 1, None), (600, 300, 1, None),
@@ -69,20 +61,30 @@ def test_hessian_matches_reference_and_flattens():
     assert_rel_close(H1, H2, 1e-6)
 
 
+@needs_cpp_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hessian_update_is_exactly_symmetric(dtype):
+    # d=600: several row panels and a partial last one; only lower parts are computed, then
+    # mirrored, so a symmetric H stays symmetric bit for bit, group by group, call by call.
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(300, 600, generator=gen).to(dtype)
+    ids = torch.randint(0, 2, (300,), generator=gen)
+    H = torch.zeros(2, 600, 600)
+    ops.hessian_accumulate(H, X, ids, scale=0.3)
+    ops.hessian_accumulate(H, X[:100].T.contiguous().T, ids[:100])  # column-major X too
+    assert torch.equal(H, H.mT)
+    assert_rel_close(H, hessian_fp64(hessian_fp64(torch.zeros(2, 600, 600), X, ids, 0.3), X[:100], ids[:100], 1.0),
+                     1e-5)
+
+
 @pytest.mark.parametrize("make,match", HESSIAN_BAD_INPUTS)
 def test_hessian_bad_input(make, match):
-    H, X, ids = make()
+    H, X, ids = make("cpu")
     with pytest.raises(RuntimeError, match=match):
         torch.ops.slimops.hessian_accumulate(H, X, ids, 1.0)
 
 
 # --- obs_group_errors --------------------------------------------------------------------
-
-def errors_fp64(W, Hinv, groups):
-    """Brute force: tr(W_S inv(Hinv_SS) W_S^T) with an explicit inverse, in float64."""
-    W, Hinv = W.double(), Hinv.double()
-    return torch.stack([torch.trace(W[:, S] @ torch.linalg.inv(Hinv[S][:, S]) @ W[:, S].T) for S in groups])
-
 
 @pytest.mark.parametrize("r,d,s", [(5, 48, 8), (3, 37, 1), (1, 1, 1), (7, 64, 16)])
 def test_obs_errors_match_brute_force(r, d, s):
@@ -155,10 +157,49 @@ def test_obs_update_non_pd_leaves_inputs_unchanged():
 @pytest.mark.parametrize("op,args,match", OBS_BAD_INPUTS)
 def test_obs_bad_input(op, args, match):
     with pytest.raises(RuntimeError, match=match):
-        getattr(torch.ops.slimops, op)(*args())
+        getattr(torch.ops.slimops, op)(*args("cpu"))
+
+
+@needs_cpp_ext
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_obs_ieee_whatever_the_matmul_precision(precision):
+    check_obs_ieee(torch.ops.slimops.obs_group_errors, torch.ops.slimops.obs_group_update, precision, "cpu")
+
+
+# --- one contract: the Python checks are the C++ checks ---------------------------------------
+
+@pytest.mark.parametrize("make,match", HESSIAN_BAD_INPUTS)
+def test_hessian_python_checks_raise_the_cpp_messages(make, match):
+    H, X, ids = make("cpu")
+    assert raised(hessian_checks.check_inputs, H, X, ids) == \
+        raised(torch.ops.slimops.hessian_accumulate, H, X, ids, 1.0)
+
+
+@pytest.mark.parametrize("op,args,match", OBS_BAD_INPUTS)
+def test_obs_python_checks_raise_the_cpp_messages(op, args, match):
+    check = {"obs_group_errors": obs_checks.check_errors_inputs,
+             "obs_group_update": obs_checks.check_update_inputs}[op]
+    tensors = args("cpu")
+    assert raised(check, *tensors) == raised(getattr(torch.ops.slimops, op), *tensors)
 
 
 # --- registration ------------------------------------------------------------------------
+
+def cpp_schemas() -> dict[str, str]:
+    """name -> schema of every m.def in csrc/ops.cpp's TORCH_LIBRARY block (adjacent string
+    literals joined, as the C++ compiler does)."""
+    text = (ROOT / "csrc" / "ops.cpp").read_text()
+    block = text[text.index("TORCH_LIBRARY(slimops, m)"):]
+    block = block[:block.index("\n}")]
+    defs = ["".join(re.findall(r'"([^"]*)"', d)) for d in re.findall(r'm\.def\(((?:\s*"[^"]*")+)', block)]
+    return {d[:d.index("(")]: d[d.index("("):] for d in defs}
+
+
+def test_schemas_match_csrc_ops_cpp():
+    cpp = cpp_schemas()
+    assert "_build_info" in cpp and "slice_gemm" in cpp  # the parser sees every def
+    assert {name: schema for name, schema in cpp.items() if not name.startswith("_")} == ops.SCHEMAS
+
 
 def test_opcheck():
     gen = torch.Generator().manual_seed(5)

@@ -11,13 +11,14 @@ None / an odd unsorted subset; bias None / present; T = 1, 3, 37 (decode and a p
 import pytest
 import torch
 
-from helpers import assert_rel_close, needs_cuda, needs_cuda_op, triton_kernels
+from helpers import (DEVICE, OPCHECK_UTILS, assert_rel_close, needs_cuda, needs_cuda_op, raised,
+                     triton_kernels)
 from slimops import ops  # noqa: F401  (registers the op: C++ kernel or the reference)
+from slimops.kernels.slice_gemm import checks as slice_checks
 from slimops.kernels.slice_gemm import reference as ref
 
 sg_triton, needs_triton = triton_kernels("slice_gemm")   # interpreted on CPU (conftest)
 
-OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 D_IN, D_OUT = 96, 45
 
 # name -> (in_block, kept blocks as a function of the generator); None: all columns.
@@ -45,6 +46,11 @@ def make_case(T, in_mode, out_subset, with_bias, dtype=torch.float32, device="cp
     return cast(X), cast(W), cast(bias), move(in_idx), move(out_idx), in_block
 
 
+# Where each backend's cases live: Triton runs on the GPU when there is one (compiled Triton
+# cannot read CPU tensors), else on the CPU under the interpreter.
+DEVICE_OF = {"cpu": "cpu", "triton": DEVICE, "cuda": "cuda"}
+
+
 def run(backend, *args):
     if backend == "triton":
         return sg_triton.slice_gemm(*args)
@@ -66,7 +72,7 @@ BACKENDS = ["cpu", pytest.param("triton", marks=needs_triton)]
 @pytest.mark.parametrize("out_subset", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matches_reference_fp32(backend, T, in_mode, out_subset, with_bias):
-    args = make_case(T, in_mode, out_subset, with_bias)
+    args = make_case(T, in_mode, out_subset, with_bias, device=DEVICE_OF[backend])
     assert_same_close(run(backend, *args), ref.slice_gemm(*args), 1e-5)
 
 
@@ -76,14 +82,14 @@ def test_matches_reference_fp32(backend, T, in_mode, out_subset, with_bias):
 @pytest.mark.parametrize("T", [1, 37])
 @pytest.mark.parametrize("in_mode", ["all", "some_heads", "channels", "block24"])
 def test_matches_reference_bf16(backend, T, in_mode):
-    args = make_case(T, in_mode, True, True, dtype=torch.bfloat16)
+    args = make_case(T, in_mode, True, True, dtype=torch.bfloat16, device=DEVICE_OF[backend])
     assert_same_close(run(backend, *args), ref.slice_gemm(*args), 8e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_slices(backend):
-    X, W, bias, _, out_idx, _ = make_case(3, "all", True, True)
-    none_kept = torch.empty(0, dtype=torch.int64)
+    X, W, bias, _, out_idx, _ = make_case(3, "all", True, True, device=DEVICE_OF[backend])
+    none_kept = torch.empty(0, dtype=torch.int64, device=X.device)
     Y = run(backend, X, W, bias, none_kept, out_idx, 16)  # no input kept: Y = bias[J]
     assert torch.equal(Y, bias[out_idx].expand(3, -1))
     assert run(backend, X, W, bias, None, none_kept, 1).shape == (3, 0)
@@ -98,9 +104,10 @@ def test_empty_slices(backend):
 def test_wide_runs(backend, in_idx, T, dtype, tol):
     """Runs of consecutive kept heads >= 128 columns wide: the CPU kernel's per-run GEMM path,
     out of order too (the sum does not depend on the order of kept columns)."""
-    g = torch.Generator().manual_seed(1)
+    g, dev = torch.Generator().manual_seed(1), DEVICE_OF[backend]
     X, W, bias = torch.randn(T, 512, generator=g), torch.randn(33, 512, generator=g), torch.randn(33, generator=g)
-    args = (X.to(dtype), W.to(dtype), bias.to(dtype), torch.tensor(in_idx), torch.tensor([32, 0, 7, 8]), 32)
+    args = (X.to(dev, dtype), W.to(dev, dtype), bias.to(dev, dtype), torch.tensor(in_idx, device=dev),
+            torch.tensor([32, 0, 7, 8], device=dev), 32)
     assert_same_close(run(backend, *args), ref.slice_gemm(*args), tol)
 
 
@@ -109,31 +116,59 @@ def test_ops_wrapper_dispatches_on_cpu():
     assert_same_close(ops.slice_gemm(*args), ref.slice_gemm(*args), 1e-5)
 
 
-def _bad_inputs():
-    X, W = torch.randn(3, 96), torch.randn(45, 96)
-    idx = torch.tensor([0, 2])
-    return [
-        ((X[0], W, None, None, None, 1), "X must have shape"),
-        ((X, W[:, :64], None, None, None, 1), "X has width 96"),
-        ((X, W.double(), None, None, None, 1), "same dtype"),
-        ((X.int(), W.int(), None, None, None, 1), "float32, bfloat16 or float16"),
-        ((X, W, None, None, None, 0), "in_block must be >= 1"),
-        ((X, W, None, idx, None, 40), "not a multiple of in_block=40"),
-        ((X, W, None, torch.tensor([6]), None, 16), r"in_idx must lie in \[0, 6\)"),
-        ((X, W, None, torch.tensor([-1]), None, 16), r"in_idx must lie in \[0, 6\)"),
-        ((X, W, None, idx.int(), None, 16), "in_idx must be int64"),
-        ((X, W, None, idx[None], None, 16), "in_idx must be a 1-D tensor"),
-        ((X, W, None, None, torch.tensor([45]), 1), r"out_idx must lie in \[0, 45\)"),
-        ((X, W, torch.randn(44), None, None, 1), r"bias must have shape \(d_out,\)"),
-        ((X, W, torch.randn(45).double(), None, None, 1), "bias must have X's dtype"),
-    ]
+def strided_case(device):
+    """Every argument a strided view made ON `device` (.to() of a view copies it contiguous):
+    X a column slice, W column-major, bias and both index lists every other element."""
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(37, D_IN + 5, generator=g).to(device)[:, 5:]
+    W = torch.randn(D_IN, D_OUT, generator=g).to(device).T
+    bias = torch.randn(2 * D_OUT, generator=g).to(device)[::2]
+    in_idx = torch.tensor([5, 9, 0, 3, 2, 7, 1, 4], device=device)[::2]   # heads 5, 0, 2, 1
+    out_idx = torch.randperm(D_OUT, generator=g).to(device)[:58:2]
+    return X, W, bias, in_idx, out_idx, 16
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("args,match", _bad_inputs())
-def test_bad_input(backend, args, match):
+def test_strided_inputs(backend):
+    args = strided_case(DEVICE_OF[backend])
+    assert not args[2].is_contiguous() and not args[4].is_contiguous()
+    assert_same_close(run(backend, *args), ref.slice_gemm(*args), 1e-5)
+
+
+def _on(dev, X, W, bias=None, in_idx=None, out_idx=None, in_block=1):
+    return tuple(t if t is None else t.to(dev) for t in (X, W, bias, in_idx, out_idx)) + (in_block,)
+
+
+# make(dev) -> the op's arguments on dev, and the error it must raise
+_X, _W, _IDX = torch.randn(3, 96), torch.randn(45, 96), torch.tensor([0, 2])
+BAD_INPUTS = [
+    (lambda dev: _on(dev, _X[0], _W), "X must have shape"),
+    (lambda dev: _on(dev, _X, _W[:, :64]), "X has width 96"),
+    (lambda dev: _on(dev, _X, _W.double()), "same dtype"),
+    (lambda dev: _on(dev, _X.int(), _W.int()), "float32, bfloat16 or float16"),
+    (lambda dev: _on(dev, _X, _W, in_block=0), "in_block must be >= 1"),
+    (lambda dev: _on(dev, _X, _W, None, _IDX, None, 40), "not a multiple of in_block=40"),
+    (lambda dev: _on(dev, _X, _W, None, torch.tensor([6]), None, 16), r"in_idx must lie in \[0, 6\)"),
+    (lambda dev: _on(dev, _X, _W, None, torch.tensor([-1]), None, 16), r"in_idx must lie in \[0, 6\)"),
+    (lambda dev: _on(dev, _X, _W, None, _IDX.int(), None, 16), "in_idx must be int64"),
+    (lambda dev: _on(dev, _X, _W, None, _IDX[None], None, 16), "in_idx must be a 1-D tensor"),
+    (lambda dev: _on(dev, _X, _W, None, None, torch.tensor([45])), r"out_idx must lie in \[0, 45\)"),
+    (lambda dev: _on(dev, _X, _W, torch.randn(44)), r"bias must have shape \(d_out,\)"),
+    (lambda dev: _on(dev, _X, _W, torch.randn(45).double()), "bias must have X's dtype"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make,match", BAD_INPUTS)
+def test_bad_input(backend, make, match):
     with pytest.raises(RuntimeError, match=match):
-        run(backend, *args)
+        run(backend, *make(DEVICE_OF[backend]))
+
+
+@pytest.mark.parametrize("make,match", BAD_INPUTS)
+def test_python_checks_raise_the_cpp_messages(make, match):
+    args = make("cpu")
+    assert raised(slice_checks.check_inputs, *args) == raised(torch.ops.slimops.slice_gemm, *args)
 
 
 @pytest.mark.parametrize("in_mode,out_subset,with_bias", [
@@ -183,6 +218,13 @@ def test_gpu_small_cases(backend, in_mode, dtype, tol):
     for T in (1, 37):
         args = make_case(T, in_mode, True, True, dtype=dtype, device="cuda")
         assert_same_close(run(backend, *args), ref.slice_gemm(*args), tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_strided_inputs(backend):
+    args = strided_case("cuda")
+    assert_same_close(run(backend, *args), ref.slice_gemm(*args), 1e-5)
 
 
 @needs_cuda_op("slice_gemm")

@@ -1,8 +1,11 @@
 // Input checks of `hessian_accumulate`, shared by the CPU kernel (hessian.cpp) and the CUDA
-// kernel (cuda/hessian.cu) so both raise the same messages.
+// kernel (cuda/hessian.cu) so both raise the same messages; kernels/hessian/checks.py is the
+// Python copy (tests/test_ops.py holds the two to identical messages).
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include "../common/index_range.h"
 
 namespace slimops {
 
@@ -33,8 +36,7 @@ inline void check_hessian_inputs(const at::Tensor& H, const at::Tensor& X, const
               ids.scalar_type());
   TORCH_CHECK(ids.device() == H.device(), "hessian_accumulate: group_ids must be on H's device");
   if (ids.numel() == 0) return;
-  const auto [lo, hi] = at::aminmax(ids);
-  const int64_t min_id = lo.item<int64_t>(), max_id = hi.item<int64_t>();
+  const auto [min_id, max_id] = index_range(ids);
   TORCH_CHECK(min_id >= 0 && max_id < H.size(0), "hessian_accumulate: group ids must lie in [0, G=", H.size(0),
               "), got values in [", min_id, ", ", max_id, "]");
 }

@@ -2,79 +2,74 @@
 //
 //     H[g] += scale * X_g^T X_g      (X_g: rows of X whose group id is g)
 //
-// Semantics: kernels/hessian/reference.py. X streams through in chunks of kChunkRows rows,
-// each converted to fp32 once, in a transposed (d, rows) layout so that every column tile
-// is a contiguous row block. Only the lower-triangle tile pairs (i >= j) are multiplied, so
-// the flops are T*d^2 instead of 2*T*d^2.
+// Semantics: kernels/hessian/reference.py. A blocked SYRK made of BLAS calls only: H is cut
+// into kPanels row panels, and panel [i0, i1) is ONE GEMM, P = X[:, i0:i1]^T X[:, :i1], run by
+// torch's BLAS on torch's intra-op threads, then added to H's lower part and mirrored into
+// the upper part. n panels cost (1 + 1/n)/2 of a full X^T X's flops in n BLAS calls; no loop
+// here is parallel, so nothing of ours spin-waits or splits work statically.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "checks.h"
 
-#include <vector>
+#include <algorithm>
 
 namespace slimops {
 namespace {
 
-// Rows of X converted to fp32 per step: bounds the scratch to d*4096*4 bytes (16 MB at
-// d=1024, 180 MB at d=11008) while each tile product still has a long K dimension.
-constexpr int64_t kChunkRows = 4096;
+// Panels, not tile tasks: 1.35-1.60x torch's addmm idle and under load, tasks 0.75-1.37x (benchmarks/RESULTS.md).
+constexpr int64_t kPanels = 4;
+// Narrower panels lose GEMM efficiency; below 2 * kMinPanel columns H is one panel (a full
+// GEMM: tiny d, where the halved flops do not matter).
+constexpr int64_t kMinPanel = 128;
+// fp32 copies of X (upcast 16-bit rows, gathered groups) are made this many bytes at a time,
+// and never fewer than kMinChunkRows rows (the GEMMs' K): T=8192 at d=2816 is one chunk.
+constexpr int64_t kChunkBytes = int64_t(128) << 20;
+constexpr int64_t kMinChunkRows = 4096;
 
-// Column tile of the SYRK. Measured on the 2-core dev box (MKL, fp32, 4096-row chunks,
-// 1 thread, GFLOP/s counted as dense 2*T*d^2 so 2x = the SYRK saving; one addmm over the
-// whole H: 90-95): tile 128: 145-153, 192: 143-160, 256: 140-159, 384: 133-161, 512:
-// 123-156. From 192 up each tile product runs at full GEMM speed; 256 is flat within
-// noise from d=1024 to 4096, wastes < 256/d on the whole-computed diagonal tiles, and
-// still leaves 136 tile tasks per chunk at d=4096 for the parallel loop below.
-constexpr int64_t kTile = 256;
+// X itself when BLAS can read it as fp32 (one unit stride), else one contiguous fp32 copy.
+at::Tensor as_blas_fp32(const at::Tensor& X) {
+  if (X.scalar_type() == at::kFloat && (X.stride(1) == 1 || X.stride(0) == 1)) return X;
+  return X.to(at::kFloat, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
+}
 
-// H (d, d) += scale * Xt Xt^T for one fp32 chunk Xt (d, n), lower-triangle tiles only.
-// An off-diagonal product P is added to both H[i,j] and H[j,i]^T right away (mirrored per
-// tile, not in a final pass): H need not be symmetric on entry and no d x d scratch is
-// needed; the extra tile-sized add is 1/n of the tile's flops.
-void syrk_chunk(const at::Tensor& H, const at::Tensor& Xt, double scale) {
-  const int64_t d = Xt.size(0);
-  const int64_t tiles = (d + kTile - 1) / kTile;
-  std::vector<std::pair<int64_t, int64_t>> pairs;
-  pairs.reserve(tiles * (tiles + 1) / 2);
-  for (int64_t i = 0; i < tiles; ++i)
-    for (int64_t j = 0; j <= i; ++j) pairs.emplace_back(i, j);
+// H[i0:, i0:] += the lower triangle of the square block D, mirrored: the diagonal block's
+// update is exactly symmetric whatever the GEMM's rounding.
+void add_diagonal_block(const at::Tensor& H, const at::Tensor& D, int64_t i0) {
+  const int64_t b = D.size(0);
+  H.narrow(0, i0, b).narrow(1, i0, b).add_(D.tril()).add_(D.tril(-1).t());
+}
 
-  // Tile tasks run in parallel (one sync per chunk, not one per tile GEMM). Measured here
-  // with 2 threads while another process held one core: 32-34 GFLOP/s for tasks and for a
-  // sequential loop of threaded GEMMs alike (OpenMP threads spin-waiting for a busy core;
-  // OMP_WAIT_POLICY=PASSIVE gives 140-154 for both), so a loaded machine wants PASSIVE.
-  at::parallel_for(0, static_cast<int64_t>(pairs.size()), /*grain_size=*/1, [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) {
-      const auto [i, j] = pairs[p];
-      const int64_t i0 = i * kTile, ti = std::min(kTile, d - i0);
-      const int64_t j0 = j * kTile, tj = std::min(kTile, d - j0);
-      const at::Tensor Xi = Xt.narrow(0, i0, ti);
-      if (i == j) {
-        H.narrow(0, i0, ti).narrow(1, i0, ti).addmm_(Xi, Xi.t(), 1.0, scale);
-        continue;
-      }
-      const at::Tensor P = at::mm(Xi, Xt.narrow(0, j0, tj).t());
-      H.narrow(0, i0, ti).narrow(1, j0, tj).add_(P, scale);
-      H.narrow(0, j0, tj).narrow(1, i0, ti).add_(P.t(), scale);
+// H (d, d) += scale * Xf^T Xf for fp32 rows Xf (n, d), one GEMM per row panel.
+void syrk_panels(const at::Tensor& H, const at::Tensor& Xf, double scale) {
+  const int64_t d = Xf.size(1);
+  const int64_t width = std::max(kMinPanel, (d + kPanels - 1) / kPanels);
+  for (int64_t i0 = 0; i0 < d; i0 += width) {
+    const int64_t b = std::min(width, d - i0);
+    at::Tensor P = at::mm(Xf.narrow(1, i0, b).t(), Xf.narrow(1, 0, i0 + b));  // (b, i0 + b)
+    if (scale != 1.0) P.mul_(scale);  // scaled once, so both halves add the same values
+    if (i0 > 0) {
+      const at::Tensor below = P.narrow(1, 0, i0);
+      H.narrow(0, i0, b).narrow(1, 0, i0).add_(below);
+      H.narrow(0, 0, i0).narrow(1, i0, b).add_(below.t());
     }
-  });
+    add_diagonal_block(H, P.narrow(1, i0, b), i0);
+  }
 }
 
 // Accumulate rows of X (all of them, or those listed in `rows`) into H (d, d).
 void accumulate_rows(const at::Tensor& H, const at::Tensor& X, const c10::optional<at::Tensor>& rows,
                      double scale) {
+  if (!rows && X.scalar_type() == at::kFloat) {  // fp32 X is read in place: all rows in one pass
+    syrk_panels(H, as_blas_fp32(X), scale);
+    return;
+  }
   const int64_t count = rows ? rows->numel() : X.size(0);
-  const int64_t d = X.size(1);
-  at::Tensor Xt = at::empty({d, std::min(count, kChunkRows)}, X.options().dtype(at::kFloat));
-  for (int64_t start = 0; start < count; start += kChunkRows) {
-    const int64_t n = std::min(kChunkRows, count - start);
-    const at::Tensor chunk = rows ? X.index_select(0, rows->narrow(0, start, n)) : X.narrow(0, start, n);
-    at::Tensor dst = Xt.narrow(1, 0, n);
-    if (n < Xt.size(1)) dst = at::empty({d, n}, Xt.options());  // last, shorter chunk
-    dst.copy_(chunk.t());  // transpose + upcast in one pass
-    syrk_chunk(H, dst, scale);
+  const int64_t chunk = std::max(kMinChunkRows, kChunkBytes / (4 * X.size(1)));
+  for (int64_t start = 0; start < count; start += chunk) {
+    const int64_t n = std::min(chunk, count - start);
+    const at::Tensor part = rows ? X.index_select(0, rows->narrow(0, start, n)) : X.narrow(0, start, n);
+    syrk_panels(H, as_blas_fp32(part), scale);
   }
 }
 

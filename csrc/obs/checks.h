@@ -1,8 +1,11 @@
 // Input checks of the `obs` ops, shared by the CPU kernels (obs.cpp) and the CUDA kernels
-// (cuda/obs.cu) so both raise the same messages.
+// (cuda/obs.cu) so both raise the same messages; kernels/obs/checks.py is the Python copy
+// (tests/test_ops.py holds the two to identical messages).
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include "../common/index_range.h"
 
 namespace slimops {
 
@@ -24,10 +27,24 @@ inline void check_indices(const char* op, const char* name, const at::Tensor& id
               idx.scalar_type());
   TORCH_CHECK(idx.device() == like.device(), op, ": ", name, " must be on W's device");
   if (idx.numel() == 0) return;
-  const auto [lo, hi] = at::aminmax(idx);
-  const int64_t min_i = lo.item<int64_t>(), max_i = hi.item<int64_t>();
+  const auto [min_i, max_i] = index_range(idx);
   TORCH_CHECK(min_i >= 0 && max_i < d, op, ": ", name, " must lie in [0, d=", d, "), got values in [", min_i, ", ",
               max_i, "]");
+}
+
+inline void check_errors_inputs(const at::Tensor& W, const at::Tensor& Hinv, const at::Tensor& groups) {
+  constexpr const char* op = "obs_group_errors";
+  check_w_hinv(op, W, Hinv);
+  TORCH_CHECK(groups.dim() == 2, op, ": groups must have shape (B, s) (one row of column indices per group), got ",
+              groups.sizes());
+  check_indices(op, "groups", groups, Hinv.size(0), W);
+}
+
+inline void check_update_inputs(const at::Tensor& W, const at::Tensor& Hinv, const at::Tensor& idx) {
+  constexpr const char* op = "obs_group_update";
+  check_w_hinv(op, W, Hinv);
+  TORCH_CHECK(idx.dim() == 1, op, ": idx must be a 1-D tensor of column indices, got shape ", idx.sizes());
+  check_indices(op, "idx", idx, Hinv.size(0), W);
 }
 
 }  // namespace slimops

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "ieee_matmul.h"
 
 #include <limits>
 
@@ -27,11 +28,7 @@ at::Tensor lower_inverse(const at::Tensor& L) {
 }
 
 at::Tensor obs_group_errors_cpu(const at::Tensor& W, const at::Tensor& Hinv, const at::Tensor& groups) {
-  constexpr const char* op = "obs_group_errors";
-  check_w_hinv(op, W, Hinv);
-  TORCH_CHECK(groups.dim() == 2, op, ": groups must have shape (B, s) (one row of column indices per group), got ",
-              groups.sizes());
-  check_indices(op, "groups", groups, Hinv.size(0), W);
+  check_errors_inputs(W, Hinv, groups);
   const int64_t B = groups.size(0), s = groups.size(1), r = W.size(0);
   if (B == 0 || s == 0) return at::zeros({B}, W.options());
 
@@ -42,7 +39,7 @@ at::Tensor obs_group_errors_cpu(const at::Tensor& W, const at::Tensor& Hinv, con
   const at::Tensor blocks = at::take(Hinv, groups.unsqueeze(2) * Hinv.size(1) + groups.unsqueeze(1));
   const at::Tensor Ws = W.index_select(1, groups.reshape({-1})).view({r, B, s}).permute({1, 0, 2});
   auto [L, info] = at::linalg_cholesky_ex(blocks);
-  const at::Tensor Z = at::bmm(Ws, lower_inverse(L).transpose(1, 2));  // W_S L^-T  (B, r, s)
+  const at::Tensor Z = ieee_matmul(Ws, lower_inverse(L).transpose(1, 2));  // W_S L^-T  (B, r, s)
   at::Tensor err = Z.square().sum({1, 2});
   // A non-PD block has no valid factor (L holds garbage/NaN): such a group cannot be
   // removed by OBS, so it scores +inf and is never picked.
@@ -50,10 +47,7 @@ at::Tensor obs_group_errors_cpu(const at::Tensor& W, const at::Tensor& Hinv, con
 }
 
 at::Tensor obs_group_update_cpu(const at::Tensor& W, const at::Tensor& Hinv, const at::Tensor& idx) {
-  constexpr const char* op = "obs_group_update";
-  check_w_hinv(op, W, Hinv);
-  TORCH_CHECK(idx.dim() == 1, op, ": idx must be a 1-D tensor of column indices, got shape ", idx.sizes());
-  check_indices(op, "idx", idx, Hinv.size(0), W);
+  check_update_inputs(W, Hinv, idx);
   if (idx.numel() == 0) return at::zeros({}, W.options().dtype(at::kInt));
 
   const at::Tensor rows = Hinv.index_select(0, idx);  // Hinv[S, :]  (s, d)
@@ -66,10 +60,10 @@ at::Tensor obs_group_update_cpu(const at::Tensor& W, const at::Tensor& Hinv, con
   // V^T V instead of rows^T (L L^T)^-1 rows: the same flops, and the downdated Hinv stays
   // symmetric by construction however many updates are chained.
   const at::Tensor Linv = lower_inverse(L);
-  const at::Tensor V = at::mm(Linv, rows);                            // L^-1 Hinv[S,:]  (s, d)
-  const at::Tensor U = at::mm(Linv, W.index_select(1, idx).t());      // L^-1 W[:,S]^T  (s, r)
-  W.addmm_(U.t(), V, 1.0, -1.0);
-  Hinv.addmm_(V.t(), V, 1.0, -1.0);
+  const at::Tensor V = ieee_matmul(Linv, rows);                        // L^-1 Hinv[S,:]  (s, d)
+  const at::Tensor U = ieee_matmul(Linv, W.index_select(1, idx).t());  // L^-1 W[:,S]^T  (s, r)
+  ieee_sub_matmul_(W, U.t(), V);
+  ieee_sub_matmul_(Hinv, V.t(), V);
   // Exact zeros on the removed columns (rounding leaves ~1e-7 there): removed columns
   // never score again and repeated updates compose.
   W.index_fill_(1, idx, 0.0);

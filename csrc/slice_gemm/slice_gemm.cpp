@@ -14,13 +14,13 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "checks.h"
+
 #include <utility>
 #include <vector>
 
 namespace slimops {
 namespace {
-
-constexpr const char* kOp = "slice_gemm";
 
 // Output rows of W per GEMM. Measured (2048 x 5504 fp32, 75% of the channels kept, 2
 // threads on a box shared with compiles, +-20% noise): chunks of 128 .. 1024 rows are within
@@ -39,55 +39,6 @@ constexpr int64_t kMinRunCols = 128;
 // from W (slice_gemm_cpu). Measured (2048 x 5504 fp32, 75% of the rows kept, noisy box),
 // ms select vs gather: T=1: 2.5 vs 10.9; T=16-17: 14-16 vs 15-19; T=64: 26-28 vs 24-28.
 constexpr int64_t kDecodeRows = 16;
-
-bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
-}
-
-// int64, 1-D, on X's device, every value in [0, limit): a bad index would otherwise surface
-// as index_select's message about `index`, naming neither the argument nor the fix.
-void check_index(const char* name, const at::Tensor& idx, int64_t limit, const char* what, const at::Tensor& X) {
-  TORCH_CHECK(idx.dim() == 1, kOp, ": ", name, " must be a 1-D tensor of kept ", what, ", got shape ", idx.sizes());
-  TORCH_CHECK(idx.scalar_type() == at::kLong, kOp, ": ", name, " must be int64, got ", idx.scalar_type(),
-              "; pass ", name, ".long()");
-  TORCH_CHECK(idx.device() == X.device(), kOp, ": ", name, " must be on X's device (", X.device(), "), got ",
-              idx.device());
-  if (idx.numel() == 0) return;
-  const auto [lo, hi] = at::aminmax(idx);
-  const int64_t min_i = lo.item<int64_t>(), max_i = hi.item<int64_t>();
-  TORCH_CHECK(min_i >= 0 && max_i < limit, kOp, ": ", name, " must lie in [0, ", limit, ") (number of ", what,
-              "), got values in [", min_i, ", ", max_i, "]");
-}
-
-void check_inputs(const at::Tensor& X, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
-                  const c10::optional<at::Tensor>& in_idx, const c10::optional<at::Tensor>& out_idx,
-                  int64_t in_block) {
-  TORCH_CHECK(X.dim() == 2, kOp, ": X must have shape (T, d_in), got ", X.sizes(),
-              "; flatten leading dims with X.reshape(-1, d_in)");
-  TORCH_CHECK(W.dim() == 2, kOp, ": W must have shape (d_out, d_in), got ", W.sizes());
-  TORCH_CHECK(X.size(1) == W.size(1), kOp, ": X has width ", X.size(1), " but W is ", W.size(0), " x ", W.size(1),
-              "; X must be at full input width (the slice is taken inside the op)");
-  TORCH_CHECK(is_supported_dtype(X.scalar_type()), kOp, ": X must be float32, bfloat16 or float16, got ",
-              X.scalar_type());
-  TORCH_CHECK(W.scalar_type() == X.scalar_type(), kOp, ": X and W must have the same dtype, got ",
-              X.scalar_type(), " and ", W.scalar_type());
-  TORCH_CHECK(W.device() == X.device(), kOp, ": X and W must be on the same device, got ", X.device(), " and ",
-              W.device());
-  TORCH_CHECK(in_block >= 1, kOp, ": in_block must be >= 1 (head_dim for heads, 1 for channels), got ", in_block);
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == W.size(0), kOp, ": bias must have shape (d_out,)=(",
-                W.size(0), ",) at full output width, got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == X.scalar_type(), kOp, ": bias must have X's dtype ", X.scalar_type(),
-                ", got ", bias->scalar_type(), "; pass bias.to(X.dtype)");
-    TORCH_CHECK(bias->device() == X.device(), kOp, ": bias must be on X's device");
-  }
-  if (in_idx) {
-    TORCH_CHECK(X.size(1) % in_block == 0, kOp, ": d_in=", X.size(1), " is not a multiple of in_block=", in_block,
-                "; in_idx counts blocks of in_block columns");
-    check_index("in_idx", *in_idx, X.size(1) / in_block, "input blocks", X);
-  }
-  if (out_idx) check_index("out_idx", *out_idx, W.size(0), "output rows", X);
-}
 
 // Column indices of the kept blocks: b*in_block + [0, in_block) for every b in in_idx.
 at::Tensor expand_blocks(const at::Tensor& in_idx, int64_t in_block) {
@@ -173,7 +124,7 @@ at::Tensor slice_gemm_impl(const at::Tensor& X, const at::Tensor& W, const c10::
 at::Tensor slice_gemm_cpu(const at::Tensor& X, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
                           const c10::optional<at::Tensor>& in_idx, const c10::optional<at::Tensor>& out_idx,
                           int64_t in_block) {
-  check_inputs(X, W, bias, in_idx, out_idx, in_block);
+  check_slice_gemm_inputs(X, W, bias, in_idx, out_idx, in_block, /*check_values=*/true);
   // Decode-sized T is bound by reading W: computing every row and keeping |J| of the outputs
   // reads d_out rows once, where gathering the kept rows first reads, writes and re-reads
   // |J| of them (numbers at kDecodeRows). Exact either way: each output is its own dot

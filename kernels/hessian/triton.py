@@ -19,20 +19,19 @@ Design:
 """
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# The interpreter (CPU) computes bf16 tl.dot wrongly and crashes when autotuning several
-# configs (DESIGN.md pitfalls): upcast before the dot and give it exactly one config.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from ..common import INTERPRET, check, check_triton_device, on_device
+from .checks import OP, check_inputs
 
 
 def _configs():
-    if INTERPRET:  # tiny tiles: the interpreter runs each program as numpy ops
+    # The interpreter (CPU) computes bf16 tl.dot wrongly and crashes when autotuning several
+    # configs (DESIGN.md pitfalls): there X is upcast before the dot (UPCAST) and there is
+    # exactly one config, of tiny tiles (it runs each program as numpy ops).
+    if INTERPRET:
         return [triton.Config({"BLOCK_D": 32, "BLOCK_K": 32}, num_warps=1, num_stages=1)]
     # Square output tiles (the SYRK pairs i with j); 128x128 keeps the fp32 accumulator at
     # 64 regs/thread with 8 warps, 64x64 wins when d is small (more programs than SMs).
@@ -45,8 +44,12 @@ def _configs():
     ]
 
 
-@triton.autotune(configs=_configs(), key=["d", "GATHER", "UPCAST", "PRECISION"],
-                 restore_value=["H_ptr"])  # H is accumulated in place: trials must not add up
+CONFIGS = _configs()
+
+
+# No restore_value: it clones H before every timing trial (4.3 GB for 64 experts at d=4096);
+# the launcher tunes on a scratch H instead (_tune_on_scratch).
+@triton.autotune(configs=CONFIGS, key=["d", "GATHER", "UPCAST", "PRECISION"])
 @triton.jit
 def _hessian_syrk_kernel(H_ptr, X_ptr, rows_ptr, offsets_ptr, T, d, stride_xt, stride_xd, scale,
                          GATHER: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -110,52 +113,55 @@ def _store_lower_and_mirror(h_ptr, out, offs_i, offs_j, d):
     tl.store(q, tl.load(q, mask=upper, other=0.0) + tl.trans(out), mask=upper)
 
 
-def _check_inputs(H: torch.Tensor, X: torch.Tensor, group_ids: torch.Tensor | None) -> None:
-    """The C++ kernel's checks, with the same messages (tests match on them)."""
-    op = "hessian_accumulate"
-
-    def check(ok, msg):
-        if not ok:
-            raise RuntimeError(f"{op}: {msg}")
-
-    check(H.dim() == 3 and H.shape[1] == H.shape[2], f"H must have shape (G, d, d), got {tuple(H.shape)}")
-    check(H.dtype == torch.float32, f"H must be float32 (the accumulator), got {H.dtype}")
-    check(H.is_contiguous(), "H must be contiguous; pass H.contiguous() and keep it")
-    check(H.shape[0] >= 1, "H must hold at least one group (G >= 1)")
-    check(X.dim() == 2, f"X must have shape (T, d), got {tuple(X.shape)}; flatten leading dims with X.reshape(-1, d)")
-    check(X.shape[1] == H.shape[1], f"X has width {X.shape[1]} but H is {H.shape[1]} x {H.shape[2]}")
-    check(X.dtype in (torch.float32, torch.bfloat16, torch.float16),
-          f"X must be float32, bfloat16 or float16, got {X.dtype}")
-    check(X.device == H.device, "H and X must be on the same device")
-    check(H.is_cuda or INTERPRET, f"the Triton kernel needs CUDA tensors, got {H.device} "
-          "(set TRITON_INTERPRET=1 before importing triton to run it on CPU)")
-    if group_ids is None:
-        check(H.shape[0] == 1, f"H has G={H.shape[0]} groups but group_ids is None; "
-              "pass group_ids (T,) or use H of shape (1, d, d)")
-        return
-    check(group_ids.dim() == 1 and group_ids.shape[0] == X.shape[0],
-          f"group_ids must have shape (T,)=({X.shape[0]},), got {tuple(group_ids.shape)}")
-    check(group_ids.dtype == torch.int64, f"group_ids must be int64, got {group_ids.dtype}")
-    check(group_ids.device == H.device, "group_ids must be on H's device")
-    check(H.shape[0] <= 65535, f"at most 65535 groups per launch (grid axis 1), got G={H.shape[0]}")
-    if group_ids.numel():
-        lo, hi = (int(v) for v in torch.aminmax(group_ids))
-        check(lo >= 0 and hi < H.shape[0], f"group ids must lie in [0, G={H.shape[0]}), got values in [{lo}, {hi}]")
-
-
 def _precision(X: torch.Tensor) -> str:
     if X.dtype != torch.float32 and not INTERPRET:
         return "tf32"  # ignored for bf16/fp16 operands: their products are exact in fp32
     return "ieee" if INTERPRET or torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def hessian_accumulate(H: torch.Tensor, X: torch.Tensor, group_ids: torch.Tensor | None = None,
-                       scale: float = 1.0) -> None:
-    """In place: H[g] += scale * X[group_ids == g].T @ X[group_ids == g] (Triton SYRK).
-    H (G, d, d) fp32 contiguous; X (T, d) fp32/bf16/fp16, any strides; group_ids (T,) int64."""
-    _check_inputs(H, X, group_ids)
+# Keys the autotuner has already tuned (its own cache is keyed the same way plus dtypes).
+_TUNED: set = set()
+
+
+def _autotunes() -> bool:
+    return len(CONFIGS) > 1  # one config (the interpreter): the autotuner runs no trials
+
+
+def _launch(H, X, rows, offsets, groups, gather, scale):
     T, d = X.shape
+
+    def grid(meta):
+        tiles = triton.cdiv(d, meta["BLOCK_D"])
+        return (tiles * (tiles + 1) // 2, groups)
+
+    _hessian_syrk_kernel[grid](H, X, rows, offsets, T, d, X.stride(0), X.stride(1), float(scale),
+                               GATHER=gather, UPCAST=INTERPRET, PRECISION=_precision(X))
+
+
+def _tune_on_scratch(X, rows, offsets, gather):
+    """Run the autotuner's timing trials (each config several times, each adding into its H)
+    on a scratch (1, d, d) H, so the caller's H is then written once, by the chosen config.
+    Chosen over restore_value (clones all of H per trial: G*d*d*4 bytes) and over a scratch
+    of H's shape (the same G*d*d): one d x d is the least a trial needs. Grouped input is
+    tuned as ONE group holding all rows (same flops; 1/G of the programs of the real launch,
+    an approximation for MoE). The scratch's values are garbage and never read."""
+    d = X.shape[1]
+    scratch = torch.empty(1, d, d, device=X.device, dtype=torch.float32)
+    if gather:
+        offsets = offsets.new_tensor([0, X.shape[0]])
+    _launch(scratch, X, rows, offsets, 1, gather, 1.0)
+
+
+def hessian_accumulate(H: torch.Tensor, X: torch.Tensor, group_ids: torch.Tensor | None = None,
+                       scale: float = 1.0, *, check_indices: bool = True) -> None:
+    """In place: H[g] += scale * X[group_ids == g].T @ X[group_ids == g] (Triton SYRK).
+    H (G, d, d) fp32 contiguous; X (T, d) fp32/bf16/fp16, any strides; group_ids (T,) int64.
+    check_indices=False skips the group-id range check (a device sync) for trusted ids."""
+    check_inputs(H, X, group_ids, check_indices)
+    check_triton_device(OP, H)
     G = H.shape[0]
+    check(group_ids is None or G <= 65535, OP, f"at most 65535 groups per launch (grid axis 1), got G={G}")
+    T, d = X.shape
     if T == 0 or d == 0:
         return
     gather = group_ids is not None and G > 1  # G == 1: every id is 0 (checked), no gather
@@ -165,11 +171,9 @@ def hessian_accumulate(H: torch.Tensor, X: torch.Tensor, group_ids: torch.Tensor
         torch.cumsum(torch.bincount(group_ids, minlength=G), 0, out=offsets[1:])
     else:
         rows = offsets = X  # unused placeholders (GATHER is a constexpr)
-
-    def grid(meta):
-        tiles = triton.cdiv(d, meta["BLOCK_D"])
-        return (tiles * (tiles + 1) // 2, G if gather else 1)
-
-    with torch.cuda.device(H.device) if H.is_cuda else contextlib.nullcontext():
-        _hessian_syrk_kernel[grid](H, X, rows, offsets, T, d, X.stride(0), X.stride(1), float(scale),
-                                   GATHER=gather, UPCAST=INTERPRET, PRECISION=_precision(X))
+    with on_device(H):
+        key = (d, gather, _precision(X), X.dtype)
+        if _autotunes() and key not in _TUNED:
+            _tune_on_scratch(X, rows, offsets, gather)
+            _TUNED.add(key)
+        _launch(H, X, rows, offsets, G if gather else 1, gather, scale)

@@ -9,21 +9,25 @@ Same contracts as the ops in csrc/ops.cpp (semantics: kernels/obs/reference.py):
 Everything goes through L^-1 with L L^T = Hinv[S,S] (as csrc/obs/obs.cpp does): the error
 is ||W_S L^-T||_F^2, and with V = L^-1 Hinv[S,:], U = L^-1 W[:,S]^T the update is
 W -= U^T V and Hinv -= V^T V. The d^2*s and r*d*s products run in Triton; the s x s and
-s x d glue (gathers, V, U) stays in torch. Hinv is taken as symmetric (it is SPD by
-contract): the downdate reads its lower triangle only and writes both halves, so chained
-updates keep it exactly symmetric. Matrix products use input_precision="tf32x3": plain TF32
-(Triton's fp32 default) loses ~1e-3 relative per update, which chained downdates compound;
-tf32x3 (3 tensor-core passes, ~1e-6) compiles to HGMMA on sm_90, while "ieee" compiles to
-FFMA only (ptxas, offline): at d=11008, s=64 the downdate is ~d^2*s = 7.8 GFLOP against
-0.73 GB moved, too close to the FP32 ridge (~20 flop/byte on an H100) for CUDA cores.
-Register budget checked offline with ptxas for sm_90a (no GPU in the authoring session):
-the tile shapes below have no spills (the s=128 Cholesky spills ~100 B); timings untuned.
+s x d glue (gathers, V, U) stays in torch, in fp64 whatever torch's TF32 switch. Hinv is
+taken as symmetric (it is SPD by contract): the downdate reads its lower triangle only and
+writes both halves, so chained updates keep it exactly symmetric. Matrix products use
+input_precision="tf32x3": plain TF32 (Triton's fp32 default) loses ~1e-3 relative per
+update, which chained downdates compound; tf32x3 (3 tensor-core passes, ~1e-6) compiles to
+HGMMA on sm_90, while "ieee" compiles to FFMA only (ptxas, offline): at d=11008, s=64 the
+downdate is ~d^2*s = 7.8 GFLOP against 0.73 GB moved, too close to the FP32 ridge (~20
+flop/byte on an H100) for CUDA cores. Register budgets from ptxas for sm_90a (compiled
+offline): the tile shapes below have no spills (the s=128 Cholesky spills ~100 B); timings
+untuned.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from ..common import check_triton_device, on_device
+from .checks import check_errors_inputs, check_update_inputs
 
 # Largest group width factored in registers: one program holds two BLOCK_S^2 fp32 tiles (the
 # factor and its inverse): 2 x 64 KB at 128, 64 registers a thread even at 16 warps.
@@ -54,7 +58,9 @@ def _obs_block_cholesky_kernel(hinv_ptr, groups_ptr, linv_ptr, info_ptr, s, stri
         info = tl.where((not good) & (info == 0), k + 1, info)
         # keep going on a bad pivot (no early exit in a vectorised loop); the factor is
         # garbage then, and the launcher turns info > 0 into +inf / an untouched update
-        lk = tl.where(offs >= k, colk / tl.sqrt(tl.where(good, pivot, 1.0)), 0.0)
+        # div_rn / sqrt_rn: compiled `/` and tl.sqrt are approximate (the interpreter's are
+        # exact); the pivots decide definiteness, so they get IEEE rounding
+        lk = tl.where(offs >= k, tl.div_rn(colk, tl.sqrt_rn(tl.where(good, pivot, 1.0))), 0.0)
         A = tl.where((rows > k) & (cols > k), A - lk[:, None] * lk[None, :], A)
         A = tl.where(cols == k, lk[:, None], A)
     L = tl.where(cols <= rows, A, 0.0)
@@ -66,7 +72,7 @@ def _obs_block_cholesky_kernel(hinv_ptr, groups_ptr, linv_ptr, info_ptr, s, stri
         lrow = tl.sum(tl.where(cols == k, LT, 0.0), axis=1)  # L[k, j], indexed by j (rows)
         lkk = tl.sum(tl.where(offs == k, lrow, 0.0), axis=0)
         part = tl.sum(tl.where(rows < k, lrow[:, None] * X, 0.0), axis=0)
-        xk = (tl.where(offs == k, 1.0, 0.0) - part) / tl.where(lkk == 0.0, 1.0, lkk)
+        xk = tl.div_rn(tl.where(offs == k, 1.0, 0.0) - part, tl.where(lkk == 0.0, 1.0, lkk))
         X = tl.where(rows == k, xk[None, :], X)
     tl.store(linv_ptr + b * s * s + rows * s + cols, X, mask=inside)
     tl.store(info_ptr + b, info)
@@ -158,25 +164,6 @@ def _obs_weight_update_kernel(w_ptr, u_ptr, v_ptr, removed_ptr, r, d, s, stride_
 
 # --- host side ------------------------------------------------------------------------------
 
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise RuntimeError(msg)
-
-
-def _check_inputs(op: str, W: torch.Tensor, Hinv: torch.Tensor, idx: torch.Tensor) -> None:
-    """The CPU op's checks and messages (csrc/obs/obs.cpp), before any kernel runs."""
-    _check(W.dim() == 2 and Hinv.dim() == 2 and Hinv.shape[0] == Hinv.shape[1] == W.shape[1],
-           f"{op}: W must be (r, d) and Hinv (d, d), got {tuple(W.shape)} and {tuple(Hinv.shape)}")
-    _check(W.dtype == Hinv.dtype == torch.float32,
-           f"{op}: W and Hinv must be float32, got {W.dtype} and {Hinv.dtype}")
-    _check(W.device == Hinv.device == idx.device, f"{op}: W, Hinv and the indices must be on one device")
-    _check(idx.dtype == torch.int64, f"{op}: column indices must be int64, got {idx.dtype}")
-    if idx.numel():  # out-of-range indices would read/write outside Hinv inside the kernels
-        lo, hi = int(idx.min()), int(idx.max())
-        d = Hinv.shape[0]
-        _check(lo >= 0 and hi < d, f"{op}: column indices must lie in [0, d={d}), got values in [{lo}, {hi}]")
-
-
 def _dot_block(s: int) -> int:
     # tl.dot needs >= 16 on every side; 64 spills the tf32x3 tiles below (ptxas, sm_90a)
     return max(16, min(32, triton.next_power_of_2(s)))
@@ -201,17 +188,18 @@ def block_cholesky_inverse(Hinv: torch.Tensor, groups: torch.Tensor) -> tuple[to
     # 32 fp32 a thread per BLOCK_S^2 tile: ptxas (sm_90a) 117 registers at 64 / 8 warps, and
     # at 128 16 warps spill ~100 B where 8 warps hit 255 registers and spill more
     warps = 4 if block_s <= 32 else (8 if block_s == 64 else 16)
-    _obs_block_cholesky_kernel[(B,)](Hinv, groups, linv, info, s, Hinv.stride(0), Hinv.stride(1),
-                                     BLOCK_S=block_s, num_warps=warps)
+    with on_device(Hinv):
+        _obs_block_cholesky_kernel[(B,)](Hinv, groups, linv, info, s, Hinv.stride(0), Hinv.stride(1),
+                                         BLOCK_S=block_s, num_warps=warps)
     return linv, info
 
 
-def obs_group_errors(W: torch.Tensor, Hinv: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """OBS error of removing each group (B,) fp32; +inf where Hinv[S_b, S_b] is not PD."""
-    op = "obs_group_errors"
-    _check(groups.dim() == 2, f"{op}: groups must have shape (B, s) (one row of column indices per group), "
-                              f"got {tuple(groups.shape)}")
-    _check_inputs(op, W, Hinv, groups)
+def obs_group_errors(W: torch.Tensor, Hinv: torch.Tensor, groups: torch.Tensor, *,
+                     check_indices: bool = True) -> torch.Tensor:
+    """OBS error of removing each group (B,) fp32; +inf where Hinv[S_b, S_b] is not PD.
+    check_indices=False skips the range check of groups (a device sync) for trusted indices."""
+    check_errors_inputs(W, Hinv, groups, check_indices)
+    check_triton_device("obs_group_errors", W)
     (B, s), r = groups.shape, W.shape[0]
     if B == 0 or s == 0:
         return torch.zeros(B, device=W.device, dtype=torch.float32)
@@ -220,17 +208,27 @@ def obs_group_errors(W: torch.Tensor, Hinv: torch.Tensor, groups: torch.Tensor) 
     block_r = 64
     n_rb = max(1, triton.cdiv(r, block_r))  # r == 0 still gets one (empty) program per group
     part = torch.empty(B, n_rb, device=W.device, dtype=torch.float32)
-    _obs_group_errors_kernel[(B, n_rb)](W, groups, linv, part, r, s, n_rb, W.stride(0), W.stride(1),
-                                        BLOCK_R=block_r, BLOCK_K=_dot_block(s), num_warps=4)
+    with on_device(W):
+        _obs_group_errors_kernel[(B, n_rb)](W, groups, linv, part, r, s, n_rb, W.stride(0), W.stride(1),
+                                            BLOCK_R=block_r, BLOCK_K=_dot_block(s), num_warps=4)
     return part.sum(1).masked_fill_(info > 0, float("inf"))
 
 
-def obs_group_update(W: torch.Tensor, Hinv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _ieee_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp64, rounded once to fp32: immune to torch's TF32 switch (which would leave
+    ~1e-3 relative error in V, enough for chained downdates to lose definiteness). These
+    are the s x s by s x (d or r) glue products: 2 s^2 (d + r) flops, noise next to the
+    d^2 s downdate even at fp64 rates."""
+    return (a.double() @ b.double()).float()
+
+
+def obs_group_update(W: torch.Tensor, Hinv: torch.Tensor, idx: torch.Tensor, *,
+                     check_indices: bool = True) -> torch.Tensor:
     """Remove columns idx in place (OBS update of W, rank-s downdate of Hinv); returns a 0-dim
-    int32 info, > 0 when Hinv[idx, idx] is not PD, and then W and Hinv are untouched."""
-    op = "obs_group_update"
-    _check(idx.dim() == 1, f"{op}: idx must be a 1-D tensor of column indices, got shape {tuple(idx.shape)}")
-    _check_inputs(op, W, Hinv, idx)
+    int32 info, > 0 when Hinv[idx, idx] is not PD, and then W and Hinv are untouched.
+    check_indices=False skips the range check of idx (a device sync) for trusted indices."""
+    check_update_inputs(W, Hinv, idx, check_indices)
+    check_triton_device("obs_group_update", W)
     if idx.numel() == 0:
         return torch.zeros((), device=W.device, dtype=torch.int32)
     linv, info = block_cholesky_inverse(Hinv, idx.view(1, -1))
@@ -238,17 +236,18 @@ def obs_group_update(W: torch.Tensor, Hinv: torch.Tensor, idx: torch.Tensor) -> 
     if int(info) != 0:  # the contract needs the answer on the host before touching anything
         return info
     (r, d), s = W.shape, idx.numel()
-    V = (linv[0] @ Hinv.index_select(0, idx)).contiguous()              # L^-1 Hinv[S,:]  (s, d)
-    U = (linv[0] @ W.index_select(1, idx).t()).contiguous()             # L^-1 W[:,S]^T   (s, r)
+    V = _ieee_mm(linv[0], Hinv.index_select(0, idx))                    # L^-1 Hinv[S,:]  (s, d)
+    U = _ieee_mm(linv[0], W.index_select(1, idx).t())                   # L^-1 W[:,S]^T   (s, r)
     removed = torch.zeros(d, device=W.device, dtype=torch.int8).index_fill_(0, idx, 1)
     bk = _dot_block(s)
     # 64 x 64 tiles, 4 warps: 128 x 128 spilled ~1 KB a thread with tf32x3 (ptxas, sm_90a);
     # V (s x d, 2.8 MB at d=11008) stays in L2, so smaller tiles only cost L2 reads.
     nt = triton.cdiv(d, 64)
-    _obs_downdate_kernel[(nt, nt)](Hinv, V, removed, d, s, Hinv.stride(0), Hinv.stride(1),
-                                   BLOCK=64, BLOCK_K=bk, num_warps=4)
-    if r:
-        grid = (triton.cdiv(r, 64), triton.cdiv(d, 64))
-        _obs_weight_update_kernel[grid](W, U, V, removed, r, d, s, W.stride(0), W.stride(1),
-                                        BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk, num_warps=4)
+    with on_device(W):
+        _obs_downdate_kernel[(nt, nt)](Hinv, V, removed, d, s, Hinv.stride(0), Hinv.stride(1),
+                                       BLOCK=64, BLOCK_K=bk, num_warps=4)
+        if r:
+            grid = (triton.cdiv(r, 64), triton.cdiv(d, 64))
+            _obs_weight_update_kernel[grid](W, U, V, removed, r, d, s, W.stride(0), W.stride(1),
+                                            BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk, num_warps=4)
     return info

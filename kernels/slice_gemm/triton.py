@@ -20,17 +20,16 @@ narrow N tiles (more programs in flight) and deep pipelines.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .checks import check_inputs
+from ..common import INTERPRET, check_triton_device, on_device
+from .checks import OP, check_inputs
 
-# The interpreter computes bf16 tl.dot wrongly and crashes when autotuning several configs
-# (DESIGN.md pitfalls): there, cast to fp32 before the dot and use one config.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Under INTERPRET (no GPU): the interpreter computes bf16 tl.dot wrongly and crashes when
+# autotuning several configs (DESIGN.md pitfalls), so the kernel casts to fp32 before the dot
+# (CAST_F32) and the autotuners get one config (_INTERP).
 
 
 @triton.jit
@@ -199,6 +198,7 @@ def slice_gemm(X: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = Non
     check_indices=False skips the index range check, which costs a device sync per call:
     for hot loops that reuse indices already checked once."""
     check_inputs(X, W, bias, in_idx, out_idx, in_block, check_indices)
+    check_triton_device(OP, X)
     T, d_in = X.shape
     n_out = W.shape[0] if out_idx is None else out_idx.numel()
     Y = torch.empty((T, n_out), dtype=X.dtype, device=X.device)
@@ -211,11 +211,15 @@ def slice_gemm(X: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = Non
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
 
-    tuned[grid](X, W, Y if bias is None else bias, Y if in_idx is None else in_idx,
-                Y if out_idx is None else out_idx, Y, T, n_out, n_blocks,
-                X.stride(0), X.stride(1), W.stride(0), W.stride(1), Y.stride(0), Y.stride(1),
-                _bucket(T), _bucket(n_out), _bucket(n_blocks * block),
-                IN_BLOCK=block, HEAD_K=head_k if head_k >= 16 else 0, HAS_BIAS=bias is not None,
-                HAS_IN_IDX=in_idx is not None, HAS_OUT_IDX=out_idx is not None,
-                CAST_F32=INTERPRET and X.dtype != torch.float32, IEEE=X.dtype == torch.float32)
+    # The kernel reads bias[row] and the index lists with unit stride: contiguous copies of
+    # strided ones (none for the usual contiguous tensors).
+    bias, in_idx, out_idx = (None if t is None else t.contiguous() for t in (bias, in_idx, out_idx))
+    with on_device(X):
+        tuned[grid](X, W, Y if bias is None else bias, Y if in_idx is None else in_idx,
+                    Y if out_idx is None else out_idx, Y, T, n_out, n_blocks,
+                    X.stride(0), X.stride(1), W.stride(0), W.stride(1), Y.stride(0), Y.stride(1),
+                    _bucket(T), _bucket(n_out), _bucket(n_blocks * block),
+                    IN_BLOCK=block, HEAD_K=head_k if head_k >= 16 else 0, HAS_BIAS=bias is not None,
+                    HAS_IN_IDX=in_idx is not None, HAS_OUT_IDX=out_idx is not None,
+                    CAST_F32=INTERPRET and X.dtype != torch.float32, IEEE=X.dtype == torch.float32)
     return Y

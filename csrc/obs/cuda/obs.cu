@@ -7,9 +7,11 @@
 // kernels do what cuBLAS/cuSOLVER do badly: the Cholesky and inverse of many tiny blocks
 // (one thread block each, the block in shared memory), and the symmetric downdate fused with
 // the zeroing of the removed rows/cols (lower tiles only, mirrored: exact symmetry, half the
-// flops, Hinv touched once). The r x s and s x d products go to cuBLAS.
+// flops, Hinv touched once). The r x s and s x d products go to cuBLAS, in IEEE fp32 whatever
+// torch's TF32 switch (ieee_matmul.h).
 #include "../../common/torch_cuda.cuh"
 #include "../checks.h"
+#include "../ieee_matmul.h"
 
 #include <cuda_runtime.h>
 
@@ -17,10 +19,6 @@
 
 namespace slimops {
 namespace {
-
-void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "slimops obs (CUDA): ", what, " failed: ", cudaGetErrorString(err));
-}
 
 constexpr int kMaxSharedS = 128;  // s*(s+2) fp32 in shared memory: 66 KB at 128
 constexpr int kTile = 64;         // downdate tile (kTile x kTile outputs per thread block)
@@ -141,10 +139,9 @@ __global__ void __launch_bounds__(kThreads) obs_downdate_kernel(float* __restric
   }
 }
 
-// The CPU kernels' checks (csrc/obs/checks.h), after the one this kernel adds: CUDA tensors.
+// The one check this kernel adds to the CPU kernels' (csrc/obs/checks.h): CUDA tensors.
 void check_cuda_w_hinv(const char* op, const at::Tensor& W, const at::Tensor& Hinv) {
   TORCH_CHECK(W.is_cuda() && W.device() == Hinv.device(), op, ": W and Hinv must be on the same CUDA device");
-  check_w_hinv(op, W, Hinv);
 }
 
 // (L_b^-1 (B, s, s) contiguous, info (B,) int32) for L_b L_b^T = Hinv[S_b, S_b].
@@ -163,31 +160,27 @@ std::tuple<at::Tensor, at::Tensor> block_cholesky_inverse(const at::Tensor& Hinv
   at::Tensor info = at::empty({B}, Hinv.options().dtype(at::kInt));
   const size_t smem = size_t(s) * size_t(s + 2) * sizeof(float);
   if (smem > 48 * 1024) {  // above 48 KB a kernel must opt in to dynamic shared memory
-    check_cuda(cudaFuncSetAttribute(obs_block_cholesky_inverse_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    int(smem)),
-               "raising the shared-memory limit of the block Cholesky");
+    C10_CUDA_CHECK(cudaFuncSetAttribute(obs_block_cholesky_inverse_kernel,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   }
   const int threads = s > 32 ? 256 : 64;
   obs_block_cholesky_inverse_kernel<<<B, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       Hinv.data_ptr<float>(), Hinv.stride(0), Hinv.stride(1), g.data_ptr<int64_t>(), int(s), linv.data_ptr<float>(),
       info.data_ptr<int>());
-  check_cuda(cudaGetLastError(), "block Cholesky launch");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {linv, info};
 }
 
 at::Tensor obs_group_errors_cuda(const at::Tensor& W, const at::Tensor& Hinv, const at::Tensor& groups) {
-  constexpr const char* op = "obs_group_errors";
-  check_cuda_w_hinv(op, W, Hinv);
-  TORCH_CHECK(groups.dim() == 2, op, ": groups must have shape (B, s) (one row of column indices per group), got ",
-              groups.sizes());
-  check_indices(op, "groups", groups, Hinv.size(0), W);
+  check_cuda_w_hinv("obs_group_errors", W, Hinv);
+  check_errors_inputs(W, Hinv, groups);
   const c10::cuda::CUDAGuard guard(W.device());
   const int64_t B = groups.size(0), s = groups.size(1), r = W.size(0);
   if (B == 0 || s == 0) return at::zeros({B}, W.options());
 
   auto [linv, info] = block_cholesky_inverse(Hinv, groups);
   const at::Tensor Ws = W.index_select(1, groups.reshape({-1})).view({r, B, s}).permute({1, 0, 2});
-  const at::Tensor Z = at::bmm(Ws, linv.transpose(1, 2));  // W_S L^-T  (B, r, s), cuBLAS
+  const at::Tensor Z = ieee_matmul(Ws, linv.transpose(1, 2));  // W_S L^-T  (B, r, s), cuBLAS
   at::Tensor err = Z.square().sum({1, 2});
   return err.masked_fill_(info > 0, std::numeric_limits<float>::infinity());
 }
@@ -196,7 +189,7 @@ void downdate(const at::Tensor& Hinv, const at::Tensor& V, const at::Tensor& idx
   const int64_t d = Hinv.size(0), s = V.size(0);
   const int64_t tiles = (d + kTile - 1) / kTile;
   if (!Hinv.is_contiguous() || tiles > 65535) {  // the fused kernel wants rows of stride d
-    Hinv.addmm_(V.t(), V, 1.0, -1.0);
+    ieee_sub_matmul_(Hinv, V.t(), V);
     Hinv.index_fill_(0, idx, 0.0);
     Hinv.index_fill_(1, idx, 0.0);
     return;
@@ -206,14 +199,12 @@ void downdate(const at::Tensor& Hinv, const at::Tensor& V, const at::Tensor& idx
   const dim3 grid{unsigned(tiles), unsigned(tiles)};
   obs_downdate_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       Hinv.data_ptr<float>(), Vc.data_ptr<float>(), removed.data_ptr<uint8_t>(), d, int(s));
-  check_cuda(cudaGetLastError(), "downdate launch");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor obs_group_update_cuda(const at::Tensor& W, const at::Tensor& Hinv, const at::Tensor& idx) {
-  constexpr const char* op = "obs_group_update";
-  check_cuda_w_hinv(op, W, Hinv);
-  TORCH_CHECK(idx.dim() == 1, op, ": idx must be a 1-D tensor of column indices, got shape ", idx.sizes());
-  check_indices(op, "idx", idx, Hinv.size(0), W);
+  check_cuda_w_hinv("obs_group_update", W, Hinv);
+  check_update_inputs(W, Hinv, idx);
   const c10::cuda::CUDAGuard guard(W.device());
   if (idx.numel() == 0) return at::zeros({}, W.options().dtype(at::kInt));
 
@@ -222,9 +213,9 @@ at::Tensor obs_group_update_cuda(const at::Tensor& W, const at::Tensor& Hinv, co
   // Not PD: leave W and Hinv untouched so the caller can refactorise with more damping.
   if (info0.item<int32_t>() != 0) return info0;
   const at::Tensor Linv = linv.select(0, 0);
-  const at::Tensor V = at::mm(Linv, Hinv.index_select(0, idx));        // L^-1 Hinv[S,:]  (s, d)
-  const at::Tensor U = at::mm(Linv, W.index_select(1, idx).t());       // L^-1 W[:,S]^T   (s, r)
-  W.addmm_(U.t(), V, 1.0, -1.0);
+  const at::Tensor V = ieee_matmul(Linv, Hinv.index_select(0, idx));   // L^-1 Hinv[S,:]  (s, d)
+  const at::Tensor U = ieee_matmul(Linv, W.index_select(1, idx).t());  // L^-1 W[:,S]^T   (s, r)
+  ieee_sub_matmul_(W, U.t(), V);
   W.index_fill_(1, idx, 0.0);  // exact zeros: removed columns never score again
   downdate(Hinv, V, idx);
   return info0;

@@ -16,6 +16,7 @@
 // Index values are checked on the device (CUDA_KERNEL_ASSERT, as torch's index_select does):
 // a host check is a device sync per call, several times a decode-sized GEMM.
 #include "../../common/torch_cuda.cuh"
+#include "../checks.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -206,56 +207,24 @@ slice_gemm_kernel(T* __restrict__ Y, const T* __restrict__ X, const T* __restric
   }
 }
 
-// The CPU kernel's checks (csrc/slice_gemm/slice_gemm.cpp), same messages, except index
-// values (checked on the device: see the header).
-void check_index(const char* name, const at::Tensor& idx, const at::Tensor& X) {
-  TORCH_CHECK(idx.dim() == 1, "slice_gemm: ", name, " must be a 1-D tensor, got shape ", idx.sizes());
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "slice_gemm: ", name, " must be int64, got ", idx.scalar_type(),
-              "; pass ", name, ".long()");
-  TORCH_CHECK(idx.device() == X.device(), "slice_gemm: ", name, " must be on X's device (", X.device(), "), got ",
-              idx.device());
-}
-
+// The CPU kernel's checks (csrc/slice_gemm/checks.h) except index values (checked on the
+// device: see the header), plus this kernel's own: CUDA tensors, the grid limit.
 void check_inputs(const at::Tensor& X, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
                   const c10::optional<at::Tensor>& in_idx, const c10::optional<at::Tensor>& out_idx,
                   int64_t in_block) {
-  TORCH_CHECK(X.dim() == 2, "slice_gemm: X must have shape (T, d_in), got ", X.sizes(),
-              "; flatten leading dims with X.reshape(-1, d_in)");
-  TORCH_CHECK(W.dim() == 2, "slice_gemm: W must have shape (d_out, d_in), got ", W.sizes());
-  TORCH_CHECK(X.size(1) == W.size(1), "slice_gemm: X has width ", X.size(1), " but W is ", W.size(0), " x ",
-              W.size(1), "; X must be at full input width (the slice is taken inside the op)");
-  const auto dt = X.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-              "slice_gemm: X must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(W.scalar_type() == dt, "slice_gemm: X and W must have the same dtype, got ", dt, " and ",
-              W.scalar_type());
   TORCH_CHECK(X.is_cuda() && W.device() == X.device(), "slice_gemm: X and W must be on the same CUDA device, got ",
               X.device(), " and ", W.device());
-  TORCH_CHECK(in_block >= 1, "slice_gemm: in_block must be >= 1 (head_dim for heads, 1 for channels), got ",
-              in_block);
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == W.size(0), "slice_gemm: bias must have shape (d_out,)=(",
-                W.size(0), ",) at full output width, got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == dt, "slice_gemm: bias must have X's dtype ", dt, ", got ",
-                bias->scalar_type(), "; pass bias.to(X.dtype)");
-    TORCH_CHECK(bias->device() == X.device(), "slice_gemm: bias must be on X's device");
-  }
-  if (in_idx) {
-    TORCH_CHECK(X.size(1) % in_block == 0, "slice_gemm: d_in=", X.size(1), " is not a multiple of in_block=",
-                in_block, "; in_idx counts blocks of in_block columns");
-    check_index("in_idx", *in_idx, X);
-  }
-  if (out_idx) check_index("out_idx", *out_idx, X);
+  check_slice_gemm_inputs(X, W, bias, in_idx, out_idx, in_block, /*check_values=*/false);
   TORCH_CHECK((X.size(0) + kBM - 1) / kBM <= 65535, "slice_gemm: at most ", 65535 * kBM,
               " tokens per call (grid.y), got T=", X.size(0), "; split X into chunks");
 }
 
 template <typename T>
-void launch(at::Tensor& Y, const at::Tensor& X, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
+void launch(at::Tensor& Y, const at::Tensor& X, const at::Tensor& W, const at::Tensor& bias,
             const Args& p) {
   const dim3 grid(static_cast<unsigned>((p.n_out + kBN - 1) / kBN),
                   static_cast<unsigned>((p.tokens + kBM - 1) / kBM));
-  const T* b = bias ? reinterpret_cast<const T*>(bias->const_data_ptr()) : nullptr;
+  const T* b = bias.defined() ? reinterpret_cast<const T*>(bias.const_data_ptr()) : nullptr;
   slice_gemm_kernel<T><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<T*>(Y.data_ptr()), reinterpret_cast<const T*>(X.const_data_ptr()),
       reinterpret_cast<const T*>(W.const_data_ptr()), b, p);
@@ -267,7 +236,9 @@ at::Tensor slice_gemm_cuda(const at::Tensor& X, const at::Tensor& W, const c10::
                            int64_t in_block) {
   check_inputs(X, W, bias, in_idx, out_idx, in_block);
   const c10::cuda::CUDAGuard guard(X.device());
-  // Contiguous index lists: the kernel reads them with unit stride (a copy only if sliced).
+  // The kernel reads the index lists and the bias with unit stride: contiguous copies of
+  // strided ones (none for the usual contiguous tensors).
+  const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
   const at::Tensor in_c = in_idx ? in_idx->contiguous() : at::Tensor();
   const at::Tensor out_c = out_idx ? out_idx->contiguous() : at::Tensor();
   const bool sliced_in = in_c.defined();
@@ -281,9 +252,9 @@ at::Tensor slice_gemm_cuda(const at::Tensor& X, const at::Tensor& W, const c10::
   at::Tensor Y = at::empty({p.tokens, p.n_out}, X.options());  // contiguous: row stride n_out
   if (p.tokens == 0 || p.n_out == 0) return Y;
   switch (X.scalar_type()) {
-    case at::kFloat: launch<float>(Y, X, W, bias, p); break;
-    case at::kHalf: launch<__half>(Y, X, W, bias, p); break;
-    default: launch<__nv_bfloat16>(Y, X, W, bias, p); break;  // checked above
+    case at::kFloat: launch<float>(Y, X, W, bias_c, p); break;
+    case at::kHalf: launch<__half>(Y, X, W, bias_c, p); break;
+    default: launch<__nv_bfloat16>(Y, X, W, bias_c, p); break;  // checked above
   }
   return Y;
 }
