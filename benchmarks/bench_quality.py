@@ -11,7 +11,9 @@ Writes results.json, table.md and quality.png into --out and prints the table.
 
 DATA: `python3-doc` (the fixed by-file train/test split of slimops.corpus), `wikitext2` or
 `c4` (their train / test splits), or a text file / folder (first 90% of its tokens calibrate,
-the last 10% are held out). Calibration never sees the held-out text.
+the last 10% are held out). Calibration never sees the held-out text. `--held-in` never
+touches the test split: it scores the last 10% of the TRAIN text and calibrates on the rest,
+which is where defaults and hyper-parameters are chosen.
 """
 from __future__ import annotations
 
@@ -33,15 +35,20 @@ from slimops.schedules import parse_schedule
 
 
 
-def split_text(data: str) -> tuple[str, str]:
+def split_text(data: str, held_in: bool = False) -> tuple[str, str]:
     """(calibration text, held-out text) for DATA; see the module docstring."""
     if data == "python3-doc":
-        return corpus.read_split("train"), corpus.read_split("test")
-    if data in calibration.HUB_DATASETS:
-        return calibration.load_text(data, "train"), calibration.load_text(data, "test")
-    text = calibration.load_text(data)
-    cut = int(len(text) * 0.9)
-    return text[:cut], text[cut:]
+        train, test = corpus.read_split("train"), corpus.read_split("test")
+    elif data in calibration.HUB_DATASETS:
+        train, test = calibration.load_text(data, "train"), calibration.load_text(data, "test")
+    else:
+        text = calibration.load_text(data)
+        cut = int(len(text) * 0.9)
+        train, test = text[:cut], text[cut:]
+    if held_in:                       # the test text is never read: split the train text
+        cut = int(len(train) * 0.9)
+        return train[:cut], train[cut:]
+    return train, test
 
 
 def calibration_windows(model, tokenizer, train_text: str, args) -> torch.Tensor:
@@ -58,25 +65,40 @@ def calibration_windows(model, tokenizer, train_text: str, args) -> torch.Tensor
     return embedding.calibration_windows(tokenizer, args.nsamples, args.calib_seqlen, args.seed)
 
 
-def run_label(method: str, schedule) -> str:
-    if method != "slimgpt" or schedule is None:
-        return method
-    name = schedule if isinstance(schedule, str) else "list"
-    return f"slimgpt ({name})"
+def run_label(method: str, schedule, options: dict | None = None) -> str:
+    parts = [] if schedule is None else [schedule if isinstance(schedule, str) else "list"]
+    parts += [f"{k}={v}" for k, v in (options or {}).items()]
+    return f"{method} ({', '.join(parts)})" if parts else method
 
 
-def plan_runs(methods, ratios, schedules) -> list[dict]:
-    """One dict per prune: slimgpt once per schedule, the baselines once (their default
-    schedule). An explicit per-layer list runs once, at its own mean ratio."""
+def parse_options(text: str) -> dict:
+    """"split=obs,max_layer_ratio=0.8" -> {"split": "obs", "max_layer_ratio": 0.8}."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def plan_runs(methods, ratios, schedules, variants=("",)) -> list[dict]:
+    """One dict per prune: slimgpt once per schedule and --slimgpt-options variant, the
+    other methods once (their default schedule). An explicit per-layer list runs once, at
+    its own mean ratio."""
     runs = []
     for method in methods:
         scheds = schedules if method == "slimgpt" else [None]
+        options = [parse_options(v) for v in variants] if method == "slimgpt" else [{}]
         for sched in scheds:
-            if isinstance(sched, list):
-                runs.append({"method": method, "schedule": sched,
-                             "ratio": round(sum(sched) / len(sched), 4)})
-                continue
-            runs += [{"method": method, "schedule": sched, "ratio": r} for r in ratios]
+            for opts in options:
+                if isinstance(sched, list):
+                    runs.append({"method": method, "schedule": sched, "options": opts,
+                                 "ratio": round(sum(sched) / len(sched), 4)})
+                    continue
+                runs += [{"method": method, "schedule": sched, "options": opts, "ratio": r}
+                         for r in ratios]
     return runs
 
 
@@ -112,9 +134,9 @@ class Scorer:
 def run_one(dense, tokens, run: dict, scorer: Scorer, args) -> dict:
     model = copy.deepcopy(dense)
     _, report = prune_model(model, tokens, run["method"], run["ratio"], run["schedule"],
-                            args.device, batch_size=args.batch_size)
+                            args.device, batch_size=args.batch_size, **run["options"])
     model.to(args.device)
-    return {**run, "label": run_label(run["method"], run["schedule"]),
+    return {**run, "label": run_label(run["method"], run["schedule"], run["options"]),
             "achieved_ratio": report.achieved_ratio, "prune_seconds": report.wall_seconds,
             "peak_memory_mb": report.peak_memory_mb, "layer_shapes": report.layer_shapes,
             **scorer(model)}
@@ -182,7 +204,12 @@ def parse_args(argv=None):
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.5])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--schedules", nargs="+", default=["log"],
-                   help="slimgpt schedules: log linear uniform, or comma-separated lists")
+                   help="slimgpt schedules: log linear uniform obs, or comma-separated lists")
+    p.add_argument("--slimgpt-options", nargs="+", default=[""], metavar="K=V,K=V",
+                   help="slimgpt config variants, each crossed with every schedule, e.g. "
+                        "split=equal split=obs")
+    p.add_argument("--held-in", action="store_true",
+                   help="never read the test split: score the last 10%% of the train text")
     p.add_argument("--seqlens", type=int, nargs="+", default=[128, 512])
     p.add_argument("--eval-tokens", type=int, default=65536,
                    help="score the first N held-out tokens (0: all of them)")
@@ -208,13 +235,13 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     dense, tokenizer = load_model(args.model)
-    train_text, test_text = split_text(args.data)
+    train_text, test_text = split_text(args.data, args.held_in)
     tokens = calibration_windows(dense, tokenizer, train_text, args)
     scorer = Scorer(dense, tokenizer, test_text, args)
     start = time.perf_counter()
     dense_scores = scorer(dense.to(args.device))
     dense.to("cpu")
-    runs = plan_runs(args.methods, args.ratios, args.schedules)
+    runs = plan_runs(args.methods, args.ratios, args.schedules, args.slimgpt_options)
     print(f"{args.model}: {len(runs)} prunes, calibration {tuple(tokens.shape)}, "
           f"eval on {scorer.description}", file=sys.stderr)
     results = []
@@ -224,7 +251,8 @@ def main(argv=None) -> dict:
               f"{ {m: round(results[-1][m], 4) for m in metric_names([dense_scores])} }",
               file=sys.stderr)
     table = markdown_table(dense_scores, results)
-    summary = {"model": args.model, "data": args.data, "calibration": list(tokens.shape),
+    summary = {"model": args.model, "data": args.data, "held_in": args.held_in,
+               "calibration": list(tokens.shape),
                "eval": scorer.description, "dense": dense_scores, "results": results,
                "wall_seconds": time.perf_counter() - start, "argv": sys.argv[1:]}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -163,7 +163,7 @@ def _save_tokenizer(folder: Path, tokenizer) -> bool:
                      "the tokenizer separately, or pass the family's own tokenizer class")
 
 
-def _write_checkpoint(tmp: Path, model, tokenizer, plan, extra_info) -> None:
+def _write_checkpoint(tmp: Path, model, tokenizer, plan, extra_info, extra_files) -> None:
     adapter = get_adapter(model)
     shapes = model_layer_shapes(model)
     config_cls, model_cls = family_classes(adapter.family)[0], stock_class(model)
@@ -186,6 +186,8 @@ def _write_checkpoint(tmp: Path, model, tokenizer, plan, extra_info) -> None:
         (tmp / PLAN_FILE).write_text(plan.to_json())
     if extra_info is not None:
         (tmp / INFO_FILE).write_text(json.dumps(extra_info, indent=2, default=str))
+    for name, data in (extra_files or {}).items():
+        (tmp / name).write_bytes(data)
 
 
 def _is_occupied(path: Path) -> bool:
@@ -218,9 +220,10 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def save_pruned(model, out_dir, tokenizer=None, plan=None, extra_info=None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write `model` (sliced, per-layer shapes) as a loadable HF folder; returns its path.
 
+    extra_files: name -> bytes written into the folder too (e.g. search's Pareto plot).
     Raises FileExistsError before any work when out_dir exists and is non-empty, unless
     overwrite=True (then the old folder is replaced atomically). A failure or interrupt
     midway leaves neither out_dir nor a temp dir behind.
@@ -233,7 +236,7 @@ def save_pruned(model, out_dir, tokenizer=None, plan=None, extra_info=None,
     # Same filesystem as out_dir, so the final rename is atomic.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_checkpoint(tmp, model, tokenizer, plan, extra_info)
+        _write_checkpoint(tmp, model, tokenizer, plan, extra_info, extra_files)
         _move_into_place(tmp, out, overwrite)
     except BaseException:            # KeyboardInterrupt included: never leave a half save
         shutil.rmtree(tmp, ignore_errors=True)

@@ -32,13 +32,37 @@ def _add_prune(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
-    p.add_argument("--percdamp", type=float, default=None,
-                   help="OBS damping, a fraction of mean diag(H) (slimgpt; default 0.01)")
     p.add_argument("--align", type=int, default=None,
                    help="slimgpt: keep every layer's FFN width a multiple of N and whole KV "
-                        "groups (default per device: off on CPU, 64 on CUDA; see README)")
+                        "groups (default per device: off on CPU, 64 on CUDA; see README); "
+                        "search: the FFN width step")
     p.add_argument("--json", help="also write the prune report as JSON here")
+    _add_method_options(p.add_argument_group("method options (each method takes its own; "
+                                             "unset: the method's default)"))
+
+
+SEARCH_PLOT = "search_pareto.png"
+# Options the CLI defines itself (above), not generated from the method configs.
+_OWN_OPTIONS = ("align", "seed")
+
+
+def _add_method_options(group) -> None:
+    """One flag per method config field (slimops.methods.option_fields)."""
+    import dataclasses
+    from .methods import METHODS, option_fields
+    for name, f in option_fields().items():
+        if name in _OWN_OPTIONS:
+            continue
+        owners = ", ".join(m for m, meth in METHODS.items() if name in meth.options())
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = f"{f.metadata.get('help', '')} ({owners}; default {default})".lstrip()
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
+        else:
+            kind = type(default) if default is not None else float
+            group.add_argument(flag, type=kind, default=None, help=text)
 
 
 def _add_eval(sub) -> None:
@@ -95,7 +119,7 @@ def cmd_prune(args) -> None:
     from .methods import make_config
     from .schedules import parse_schedule
     schedule = None if args.schedule is None else parse_schedule(args.schedule)
-    options = dict(batch_size=args.batch_size, percdamp=args.percdamp, align=_align(args))
+    options = _method_options(args)
     make_config(args.method, args.ratio, schedule, args.device, **options)  # all cheap checks first
     model_config(args.model)                                # an unsupported family fails first
     out = Path(args.out)
@@ -112,12 +136,30 @@ def cmd_prune(args) -> None:
                                         args.device, **options)
     info = _report_dict(report) | {"model": args.model, "calib": args.calib,
                                    "nsamples": args.nsamples, "seqlen": args.seqlen}
+    extra = {}
+    if "pareto_params" in plan.info:             # search: the Pareto front as a picture
+        from .evaluation.search_report import pareto_png
+        extra[SEARCH_PLOT] = pareto_png(plan.info)
     save_pruned(model.to("cpu"), out, tokenizer=tokenizer, plan=plan, extra_info=info,
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, extra_files=extra)
     print(report.summary())
+    if extra:
+        print(f"search history and Pareto front: {out / 'slimops_plan.json'}, {out / SEARCH_PLOT}")
     print(f"saved to {out}")
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=2))
+
+
+def _method_options(args) -> dict:
+    """The method options the user set (others keep the method's default), plus --align's
+    per-device default and --seed for methods that take them."""
+    from .methods import METHODS, option_fields
+    options = {name: getattr(args, name) for name in option_fields()
+               if name not in _OWN_OPTIONS and getattr(args, name) is not None}
+    options["align"] = _align(args)
+    if "seed" in METHODS[args.method].options():
+        options["seed"] = args.seed
+    return options
 
 
 def _align(args) -> int | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .loading import DTYPES, load_model, load_tokenizer, resolve_model_path  # noqa: F401 (API)
+from .evaluation import search_report
 from .memory import reset_peak_rss, status_kb
 from .methods import get_method, make_config
 from .models import get_adapter
@@ -52,7 +53,8 @@ class PruneReport:
             f"(removed {self.achieved_ratio:.2%}, target {self.target_ratio:.2%})",
             f"whole model:    {self.total_params_before:,} -> {self.total_params_after:,} "
             f"(removed {self.total_ratio:.2%}; embeddings and lm_head are not pruned)",
-            f"wall time {self.wall_seconds:.1f} s, peak memory {self.peak_memory_mb:.0f} MB"])
+            f"wall time {self.wall_seconds:.1f} s, peak memory {self.peak_memory_mb:.0f} MB",
+            *search_report.summary_lines(self.info)])
 
 
 def prune_model(model, tokens: torch.Tensor, method: str = "slimgpt", ratio: float = 0.2,

@@ -16,13 +16,14 @@ class LayerPlan:
     kept_heads: list[int]        # query heads kept
     kept_kv_heads: list[int]     # KV heads (groups) kept
     kept_channels: list[int]     # FFN channels (intermediate units) kept
+    drop_layer: bool = False     # the whole layer removed (search's depth moves)
 
     def shape(self) -> dict:
         return {"num_attention_heads": len(self.kept_heads),
                 "num_key_value_heads": len(self.kept_kv_heads),
                 "intermediate_size": len(self.kept_channels)}
 
-    def dropped(self, num_heads: int, intermediate_size: int) -> tuple[list[int], list[int]]:
+    def removed(self, num_heads: int, intermediate_size: int) -> tuple[list[int], list[int]]:
         """(query heads, FFN channels) this plan removes from a layer of the given widths."""
         heads, channels = set(self.kept_heads), set(self.kept_channels)
         return ([h for h in range(num_heads) if h not in heads],
@@ -58,7 +59,8 @@ class PruningPlan:
     info: dict = field(default_factory=dict)   # per-method extras (schedule, damping, ...)
 
     def shapes(self) -> list[dict]:
-        return [lp.shape() for lp in self.layers]
+        """Shapes of the layers the plan keeps (dropped layers are gone from the model)."""
+        return [lp.shape() for lp in self.layers if not lp.drop_layer]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -14,6 +14,9 @@ from __future__ import annotations
 import math
 
 SCHEDULES = ("log", "linear", "uniform")
+# Computed from the model and the calibration data by the method itself (slimgpt: OBS error
+# curves, methods/allocation.py), not from a formula here.
+DATA_SCHEDULES = ("obs",)
 
 
 def _shape(kind: str, num_layers: int) -> list[float]:
@@ -24,6 +27,9 @@ def _shape(kind: str, num_layers: int) -> list[float]:
         return [math.log(1 + i) / math.log(num_layers) for i in range(num_layers)]
     if kind == "linear":
         return [i / (num_layers - 1) for i in range(num_layers)]
+    if kind in DATA_SCHEDULES:
+        raise ValueError(f"schedule {kind!r} is computed from the data by slimgpt; other "
+                         f"methods take one of {SCHEDULES} or a list")
     raise ValueError(f"unknown schedule {kind!r}; choose one of {SCHEDULES} or give a list")
 
 
@@ -53,10 +59,10 @@ def layer_ratios(schedule: str | list[float], target: float, num_layers: int,
 
 def parse_schedule(text: str) -> str | list[float]:
     """CLI form: a schedule name, or comma-separated per-layer ratios ("0,0.1,0.2,...")."""
-    if text in SCHEDULES:
+    if text in SCHEDULES + DATA_SCHEDULES:
         return text
     try:
         return [float(x) for x in text.split(",")]
     except ValueError:
-        raise ValueError(f"--schedule must be one of {SCHEDULES} or comma-separated per-layer "
+        raise ValueError(f"--schedule must be one of {SCHEDULES + DATA_SCHEDULES} or comma-separated per-layer "
                          f"ratios, got {text!r}") from None

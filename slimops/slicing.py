@@ -52,16 +52,42 @@ def slice_layer(adapter, layer, lp: LayerPlan) -> None:
 
 
 def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
-    """Slice every layer of `model` in place to the plan's kept heads and channels."""
+    """Slice every layer of `model` in place to the plan's kept heads and channels, and
+    remove the layers it drops."""
     adapter = get_adapter(model)
     layers = adapter.layers()
     if len(plan.layers) != len(layers):
         raise ValueError(f"plan has {len(plan.layers)} layers, model has {len(layers)}")
+    if all(lp.drop_layer for lp in plan.layers):
+        raise ValueError("a plan must keep at least one layer")
     for layer, lp in zip(layers, plan.layers):   # check every layer before changing any
-        lp.validate(*adapter.layer_shape(layer))
+        if not lp.drop_layer:
+            lp.validate(*adapter.layer_shape(layer))
     for layer, lp in zip(layers, plan.layers):
-        slice_layer(adapter, layer, lp)
+        if not lp.drop_layer:
+            slice_layer(adapter, layer, lp)
+    drop_layers(model, adapter, [i for i, lp in enumerate(plan.layers) if lp.drop_layer])
     return model
+
+
+def drop_layers(model: nn.Module, adapter, indices: list[int]) -> None:
+    """Remove whole layers: the ModuleList, the config's layer count and per-layer lists,
+    and the layer_idx the KV cache is indexed by (renumbered)."""
+    if not indices:
+        return
+    layers = adapter.layers()
+    for i in sorted(indices, reverse=True):   # in place: the model keeps the same ModuleList
+        del layers[i]
+    kept = list(layers)
+    config = model.config
+    config.num_hidden_layers = len(kept)
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list):
+        config.layer_types = [t for i, t in enumerate(types) if i not in set(indices)]
+    for new_idx, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
 
 
 @torch.no_grad()
@@ -70,7 +96,7 @@ def mask_layer(adapter, layer, lp: LayerPlan) -> None:
     'virtually pruned' model: same function as the sliced one, dense shapes)."""
     nh, _, ffn = adapter.layer_shape(layer)
     hd = adapter.head_dim
-    drop_heads, drop_ch = lp.dropped(nh, ffn)
+    drop_heads, drop_ch = lp.removed(nh, ffn)
     if drop_heads:
         adapter.o_proj(layer).weight[:, head_rows(drop_heads, hd)] = 0
     if drop_ch:

@@ -51,7 +51,7 @@ def test_bad_method_and_align_are_clear_errors():
     with pytest.raises(ValueError, match="magnitude, wanda-sp, flap, taylor"):
         prune_model(make_tiny_model(), calib(), "wanda", 0.2)
     assert set(BASELINES) < set(METHODS)
-    with pytest.raises(ValueError, match="--align is implemented for slimgpt only"):
+    with pytest.raises(ValueError, match="--align is implemented for slimgpt and search only"):
         prune_model(make_tiny_model(), calib(), "flap", 0.2, align=64)
     prune_model(make_tiny_model(), calib(), "flap", 0.2, align=1)    # 1 is "off"
     prune_model(make_tiny_model(), calib(), "magnitude", 0.2, batch_size=4, percdamp=0.01,

@@ -39,7 +39,7 @@ def test_prune_then_eval(saved_tiny_model, text_file, tmp_path, capsys):
     (["--calib", "/nonexistent/file.txt"], "neither"),
     (["--nsamples", "100000"], "fewer than nsamples x seqlen"),
     (["--schedule", "quadratic"], "--schedule must be"),
-    (["--method", "magnitude", "--align", "8"], "slimgpt only"),
+    (["--method", "magnitude", "--align", "8"], "slimgpt and search only"),
     (["--align", "0"], "positive integer"),
 ])
 def test_bad_input_is_one_clear_line(saved_tiny_model, text_file, tmp_path, capsys, args,
@@ -130,3 +130,19 @@ def test_truncated_safetensors_is_one_clear_line(saved_tiny_model, text_file, tm
     line = _one_error_line(capsys)
     assert "unreadable" in line and "truncated or corrupt" in line and str(saved_tiny_model) in line
     assert not out.exists()
+
+
+def test_prune_with_search_writes_pareto_front(saved_tiny_model, text_file, tmp_path, capsys):
+    out = tmp_path / "searched"
+    assert main(["prune", str(saved_tiny_model), "--method", "search", "--ratio", "0.3",
+                 "--calib", str(text_file), "--nsamples", "8", "--seqlen", "32", "--out",
+                 str(out), "--generations", "2", "--population", "6", "--mutations", "3",
+                 "--crossovers", "1", "--parents", "3", "--fitness", "kl", "--budget", "macs",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "search: " in printed and "candidates in" in printed
+    assert (out / "search_pareto.png").read_bytes()[:4] == b"\x89PNG"
+    plan = json.loads((out / "slimops_plan.json").read_text())
+    assert plan["method"] == "search" and plan["info"]["budget"] == "macs"
+    assert abs(plan["info"]["macs_removed"] - 0.3) <= 0.01
+    assert plan["info"]["pareto_macs"] and len(plan["info"]["generations"]) == 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, NamedTuple
 
-from . import flap, magnitude, slimgpt, taylor, wanda_sp
+from . import flap, magnitude, search, slimgpt, taylor, wanda_sp
 
 
 class Method(NamedTuple):
@@ -36,6 +36,7 @@ METHODS: dict[str, Method] = {
     "wanda-sp": Method(wanda_sp.WandaSpConfig, wanda_sp.prune, "|W| * ||X|| (FLAP's Wanda-sp)"),
     "flap": Method(flap.FlapConfig, flap.prune, "FLAP: fluctuation, global threshold, bias"),
     "taylor": Method(taylor.TaylorConfig, taylor.prune, "first-order |w * dL/dw| (LLM-Pruner)"),
+    "search": Method(search.SearchConfig, search.prune, "Search-LLM: evolution + reformation"),
 }
 
 
@@ -44,6 +45,17 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def option_fields() -> dict[str, dataclasses.Field]:
+    """Every method option by name (first definition wins): the CLI makes one flag of each,
+    so a new method's config fields are flags without touching cli.py."""
+    fields: dict[str, dataclasses.Field] = {}
+    for method in METHODS.values():
+        for f in dataclasses.fields(method.config):
+            if f.name in method.options():
+                fields.setdefault(f.name, f)
+    return fields
 
 
 # Options every front end passes whatever the method (the CLI's --percdamp has a default):
@@ -63,7 +75,7 @@ def make_config(name: str, ratio: float, schedule=None, device: str = "cpu", **o
     for key in sorted(set(options) - set(method.options())):
         owners = [n for n, m in METHODS.items() if key in m.options()]
         flag = "--" + key.replace("_", "-")
-        raise ValueError(f"{flag} is implemented for {', '.join(owners)} only, not {name}"
+        raise ValueError(f"{flag} is implemented for {' and '.join(owners)} only, not {name}"
                          if owners else f"{flag} is not an option of any method")
     given = {"ratio": ratio, "device": device, **options}
     if schedule is not None:

@@ -86,24 +86,33 @@ def gqa_moves(scorer: HeadScorer, alive: dict[int, list[int]], costs: dict,
 
 
 def remove_heads(scorer: HeadScorer, num_heads: int, num_kv: int, costs: dict, target: float,
-                 whole_groups: bool = False) -> tuple[list[int], list[int], float]:
-    """Greedy removal, lowest score per parameter first, until `target` params are removed
-    (a move is taken while it overshoots by at most half its own cost). The last group's last
-    head is never removed; `whole_groups` allows whole KV groups only.
-    Returns kept query heads, kept KV groups, params removed."""
+                 whole_groups: bool = False, overshoot: float = 0.5, in_heads: bool = False,
+                 history: list | None = None) -> tuple[list[int], list[int], float]:
+    """Greedy removal, lowest score per parameter first, until `target` is removed: params,
+    or query heads when `in_heads`. A move is taken while it overshoots the target by at most
+    `overshoot` times its own size (0.5: round to the nearest move; 1: until at least the
+    target is removed). The last group's last
+    head is never removed; `whole_groups` allows whole KV groups only; every move taken is
+    appended to `history`. Returns kept query heads, kept KV groups, params removed."""
     rep = num_heads // num_kv
     alive = {g: list(range(g * rep, (g + 1) * rep)) for g in range(num_kv)}
-    removed = 0
+    removed, done = 0, 0
+
+    def size(m: Move) -> float:
+        return len(m.heads) if in_heads else m.cost
+
     while True:
         moves = [m for m in gqa_moves(scorer, alive, costs, whole_groups)
-                 if removed + m.cost / 2 <= target]
+                 if (done < target if overshoot >= 1 else done + size(m) * (1 - overshoot) <= target)]
         if not moves:
             break
         move = min(moves, key=lambda m: m.score / m.cost)
         scorer.remove(move.heads)
+        if history is not None:
+            history.append(move)
         alive = {g: [h for h in hs if h not in move.heads]
                  for g, hs in alive.items() if g != move.group}
-        removed += move.cost
+        removed, done = removed + move.cost, done + size(move)
     return sorted(h for hs in alive.values() for h in hs), sorted(alive), removed
 
 

@@ -115,7 +115,7 @@ def compensate(adapter, layer, lp: LayerPlan, means: dict, bias: bool = True) ->
     """FLAP eq. 8: fold the removed input channels' mean contribution into the bias of
     o_proj / down_proj, then zero their columns (the masked model equals the sliced one)."""
     nh, _, ffn = adapter.layer_shape(layer)
-    drop_heads, drop_channels = lp.dropped(nh, ffn)
+    drop_heads, drop_channels = lp.removed(nh, ffn)
     drop = {"o": head_rows(drop_heads, adapter.head_dim),
             "down": torch.as_tensor(drop_channels, dtype=torch.long)}
     for role, cols in drop.items():

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
+from ..slicing import head_rows
 
 log = logging.getLogger("slimops")
 
@@ -50,6 +51,16 @@ def damp_hessian(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01,
             return damped, Damping(lam, grown)
         lam *= 10.0
     raise FloatingPointError(f"Hessian stays indefinite after damping grew to {lam:.3g}")
+
+
+def refit(W: torch.Tensor, H: torch.Tensor, kept: torch.Tensor,
+          G: torch.Tensor | None = None) -> torch.Tensor:
+    """Least-squares kept columns K: argmin_V E||V x_K - W y||^2 = W G[:, K] H[K, K]^-1 with
+    H = E[x x^T] (damped) and G = E[y x^T]; G = None means y = x (OBS's own target)."""
+    C = H if G is None else G
+    rhs = W.double() @ C[:, kept].double()
+    L = torch.linalg.cholesky(H[kept][:, kept].double())
+    return torch.cholesky_solve(rhs.T, L).T.to(W.dtype)
 
 
 class ObsSolver:
@@ -89,3 +100,27 @@ def _inverse_on(H: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
     sub = H[R][:, R]
     Hinv[R[:, None], R[None, :]] = torch.cholesky_inverse(torch.linalg.cholesky(sub))
     return Hinv
+
+
+class ObsScorer:
+    """Head scores for common.remove_heads: the OBS error of removing a set of heads' o_proj
+    input columns, from the solver's current Hinv (rescored after every removal)."""
+
+    def __init__(self, solver, head_dim: int):
+        self.solver, self.head_dim, self.device = solver, head_dim, solver.W.device
+
+    def _columns(self, heads: list[int]) -> torch.Tensor:
+        return head_rows(heads, self.head_dim, self.device)
+
+    def group_scores(self, groups):
+        cols = torch.stack([self._columns(hs) for hs in groups.values()])
+        return self.solver.errors(cols).tolist()
+
+    def head_scores(self, heads):
+        return self.solver.errors(torch.stack([self._columns([h]) for h in heads])).tolist()
+
+    def joint_score(self, heads):
+        return float(self.solver.errors(self._columns(heads)[None])[0])
+
+    def remove(self, heads):
+        self.solver.remove(self._columns(heads))

@@ -46,6 +46,11 @@ class DecoderAdapter:
     def layers(self) -> nn.ModuleList:
         return self.backbone().get_submodule(self.spec["layers"])
 
+    def final_norm(self) -> nn.Module | None:
+        """The norm between the last layer and the LM head (None: the layers end normed)."""
+        path = self.spec["final_norm"]
+        return None if path is None else self.backbone().get_submodule(path)
+
     def linear(self, layer, role: str) -> nn.Linear | None:
         """The projection `role` (q, k, v, o, gate, up, down) of `layer`; None if absent."""
         path = self.paths.get(role)

@@ -40,38 +40,39 @@ except ImportError:     # transformers 4: the same role under its old name
 SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 HEAD_KEYS = ("num_attention_heads", "num_key_value_heads")      # widths in heads x head_dim
 # The one table of supported families: model_type -> spec. A spec says where the layers
-# sit inside model.base_model, the attention module whose head-count attributes the stock
+# and the final norm sit inside model.base_model, the attention module whose head-count attributes the stock
 # forward reads, whether the stock config honours an explicit head_dim, which shape keys
 # its config has, the Auto class that loads it, and each projection as role -> (dotted path
 # inside one layer, side whose width changes, shape key giving the width). slimops' adapters
 # derive everything from it (slimops/models), so a new LLaMA-like family is one row here.
+# Which side of each projection pruning narrows, and the shape key giving that width.
+ROLE_SIDES = {"q": ("out", "num_attention_heads"), "k": ("out", "num_key_value_heads"),
+              "v": ("out", "num_key_value_heads"), "o": ("in", "num_attention_heads"),
+              "gate": ("out", "intermediate_size"), "up": ("out", "intermediate_size"),
+              "down": ("in", "intermediate_size")}
+
+
+def _projections(**paths: str) -> dict:
+    return {role: (path, *ROLE_SIDES[role]) for role, path in paths.items()}
+
+
 LLAMA_LIKE = {
-    "kind": "llama-like", "layers": "layers", "attention": "self_attn",
+    "kind": "llama-like", "layers": "layers", "attention": "self_attn", "final_norm": "norm",
     "explicit_head_dim": True, "config_keys": SHAPE_KEYS, "auto_class": "AutoModelForCausalLM",
-    "projections": {
-        "q": ("self_attn.q_proj", "out", "num_attention_heads"),
-        "k": ("self_attn.k_proj", "out", "num_key_value_heads"),
-        "v": ("self_attn.v_proj", "out", "num_key_value_heads"),
-        "o": ("self_attn.o_proj", "in", "num_attention_heads"),
-        "gate": ("mlp.gate_proj", "out", "intermediate_size"),
-        "up": ("mlp.up_proj", "out", "intermediate_size"),
-        "down": ("mlp.down_proj", "in", "intermediate_size"),
-    },
+    "projections": _projections(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                                o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj",
+                                down="mlp.down_proj"),
 }
 # BERT-style encoders: post-LayerNorm MHA, biases everywhere, a plain GELU FFN (no gate).
 # BertConfig ignores head_dim: attention_head_size is always hidden_size // heads.
 BERT_LIKE = {
     "kind": "bert-like", "layers": "encoder.layer", "attention": "attention.self",
+    "final_norm": None,                                   # post-LN: each layer ends normed
     "explicit_head_dim": False, "config_keys": ("num_attention_heads", "intermediate_size"),
     "auto_class": "AutoModel",
-    "projections": {
-        "q": ("attention.self.query", "out", "num_attention_heads"),
-        "k": ("attention.self.key", "out", "num_key_value_heads"),
-        "v": ("attention.self.value", "out", "num_key_value_heads"),
-        "o": ("attention.output.dense", "in", "num_attention_heads"),
-        "up": ("intermediate.dense", "out", "intermediate_size"),
-        "down": ("output.dense", "in", "intermediate_size"),
-    },
+    "projections": _projections(q="attention.self.query", k="attention.self.key",
+                                v="attention.self.value", o="attention.output.dense",
+                                up="intermediate.dense", down="output.dense"),
 }
 # Qwen2 adds q/k/v biases, Qwen3 per-head q_norm/k_norm over head_dim (shared by all heads,
 # so head pruning leaves them untouched); Mistral is LLaMA with sliding-window attention.
