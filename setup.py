@@ -12,6 +12,7 @@ Extension choice (ARCHITECTURE.md):
     nvcc's major version == torch's CUDA  -> CUDAExtension: csrc/**/*.cpp + csrc/**/cuda/*.cu
   * otherwise                             -> CppExtension: csrc/**/*.cpp (CPU kernels)
 """
+
 import glob
 import os
 import re
@@ -28,14 +29,20 @@ NVCC_FLAGS = ["-O2"]
 
 
 def _sources(pattern):
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
+    return sorted(
+        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)
+    )
 
 
 def _nvcc_major(cuda_home):
     """Major version of the nvcc in CUDA_HOME, or None when it cannot be run."""
     try:
-        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     match = re.search(r"release (\d+)\.", out)
@@ -57,10 +64,12 @@ def _cuda_reason(torch, cuda_home):
     return None
 
 
-NO_TORCH = ("slimops: WARNING: torch is not importable at build time (pip's build isolation "
-            "hides the installed torch), so the C++/CUDA kernels are not built and the ops run "
-            "their slower PyTorch references. For the kernels: pip install torch first, then "
-            "pip install --no-build-isolation .")
+NO_TORCH = (
+    "slimops: WARNING: torch is not importable at build time (pip's build isolation "
+    "hides the installed torch), so the C++/CUDA kernels are not built and the ops run "
+    "their slower PyTorch references. For the kernels: pip install torch first, then "
+    "pip install --no-build-isolation ."
+)
 
 
 def _pure_python(message, drop_stale=False):
@@ -74,8 +83,9 @@ def _pure_python(message, drop_stale=False):
 def extensions():
     """(ext_modules, cmdclass) for slimops._C, or ([], {}) for a pure-Python install."""
     if os.environ.get("SLIMOPS_NO_EXT", "0") not in ("", "0"):
-        return _pure_python("slimops: SLIMOPS_NO_EXT set, building no extension (pure Python)",
-                            drop_stale=True)
+        return _pure_python(
+            "slimops: SLIMOPS_NO_EXT set, building no extension (pure Python)", drop_stale=True
+        )
     try:
         import torch  # the extension compiles against it: hence --no-build-isolation
     except ImportError:
@@ -87,8 +97,12 @@ def extensions():
     if reason is None:
         cuda = _sources("csrc/**/cuda/*.cpp") + _sources("csrc/**/cuda/*.cu")
         print(f"slimops: building CUDAExtension slimops._C ({len(cpp) + len(cuda)} sources)")
-        ext = CUDAExtension("slimops._C", cpp + cuda, define_macros=[("WITH_CUDA", None)],
-                            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS})
+        ext = CUDAExtension(
+            "slimops._C",
+            cpp + cuda,
+            define_macros=[("WITH_CUDA", None)],
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+        )
     else:
         print(f"slimops: building CppExtension slimops._C (no CUDA: {reason})")
         ext = CppExtension("slimops._C", cpp, extra_compile_args={"cxx": CXX_FLAGS})

@@ -16,6 +16,7 @@ products); bytes: the contract's traffic, read + write of Hinv and W, (d^2 + r*d
 every backend (the fused downdates read only Hinv's lower half, so their true traffic is
 lower). Inputs are restored, untimed, before each timed call.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,14 @@ def parse_args(argv=None):
     p.add_argument("--d", type=int, default=11008 if gpu else 2816, help="update: Hinv is d x d")
     p.add_argument("--r", type=int, default=4096 if gpu else 1024, help="update: W is r x d")
     p.add_argument("--s", type=int, default=64, help="update: columns removed")
-    p.add_argument("--scoring", type=int, nargs=2, action="append", metavar=("B", "S"),
-                   help="scoring problems, repeatable (default: 32 128 and 256 64)")
+    p.add_argument(
+        "--scoring",
+        type=int,
+        nargs=2,
+        action="append",
+        metavar=("B", "S"),
+        help="scoring problems, repeatable (default: 32 128 and 256 64)",
+    )
     add_shared_args(p, repeats=20 if gpu else 5, baselines=["torch"])
     return p.parse_args(argv)
 
@@ -46,6 +53,7 @@ def kernels(names):
     fns = {name: both for name in names if name != "triton"}  # the C++ CPU or the CUDA kernels
     if "triton" in names:
         from slimops.kernels.obs import triton as obs_triton
+
         fns["triton"] = (obs_triton.obs_group_errors, obs_triton.obs_group_update)
     return fns
 
@@ -53,12 +61,13 @@ def kernels(names):
 def baseline_errors(W, Hinv, groups):
     blocks = Hinv[groups.unsqueeze(2), groups.unsqueeze(1)]
     Ainv = torch.cholesky_inverse(torch.linalg.cholesky(blocks))
-    Ws = W[:, groups].permute(1, 0, 2)                                   # (B, r, s)
+    Ws = W[:, groups].permute(1, 0, 2)  # (B, r, s)
     return ((Ws @ Ainv) * Ws).sum((1, 2))
 
 
 def baseline_update(W, Hinv, idx):
     from slimops.kernels.obs import reference as obs_ref
+
     obs_ref.group_update(W, Hinv, idx)
 
 
@@ -69,13 +78,13 @@ def scoring_problem(B, s, gen):
     blocks = X @ X.transpose(1, 2) / (2 * s) + 0.1 * torch.eye(s)
     Hinv = torch.zeros(d, d)
     for b in range(B):
-        Hinv[b * s:(b + 1) * s, b * s:(b + 1) * s] = blocks[b]
+        Hinv[b * s : (b + 1) * s, b * s : (b + 1) * s] = blocks[b]
     groups = torch.arange(d).view(B, s)
     return torch.randn(1, d, generator=gen).to(DEVICE), Hinv.to(DEVICE), groups.to(DEVICE)
 
 
 def update_problem(r, d, s, gen):
-    A = torch.randn(d, d, generator=gen).to(DEVICE) / d ** 0.5
+    A = torch.randn(d, d, generator=gen).to(DEVICE) / d**0.5
     H = A @ A.T + torch.eye(d, device=DEVICE)
     Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))  # symmetric, as the solver's
     idx = torch.randperm(d, generator=gen)[:s]
@@ -87,20 +96,28 @@ def cases(args, names):
     for B, s in args.scoring or SCORING:
         prob = scoring_problem(B, s, gen)
         r, d = prob[0].shape
-        yield Case(keys={"case": f"scoring {B}x{s} (d={d}, r={r})"}, flops=B * (s ** 3 / 3 + r * s * s),
-                   nbytes=4 * (B * s * s + r * d + B), dtype="fp32",
-                   baselines={"torch": partial(baseline_errors, *prob)},
-                   kernels={name: partial(errors, *prob) for name, (errors, _) in fns.items()})
+        yield Case(
+            keys={"case": f"scoring {B}x{s} (d={d}, r={r})"},
+            flops=B * (s**3 / 3 + r * s * s),
+            nbytes=4 * (B * s * s + r * d + B),
+            dtype="fp32",
+            baselines={"torch": partial(baseline_errors, *prob)},
+            kernels={name: partial(errors, *prob) for name, (errors, _) in fns.items()},
+        )
 
     d, s = args.d, args.s
     W0, Hinv0, idx = update_problem(args.r, d, s, gen)
     for r in (args.r, 0):
         W, Hinv = W0[:r].clone(), Hinv0.clone()
-        yield Case(keys={"case": f"update d={d} s={s} r={r}"}, flops=2 * d * d * s + 2 * r * d * s,
-                   nbytes=(d * d + r * d) * 4 * 2, dtype="fp32",
-                   baselines={"torch": partial(baseline_update, W, Hinv, idx)},
-                   kernels={name: partial(update, W, Hinv, idx) for name, (_, update) in fns.items()},
-                   restore=partial(copy_back, (W, Hinv), (W0[:r], Hinv0)))
+        yield Case(
+            keys={"case": f"update d={d} s={s} r={r}"},
+            flops=2 * d * d * s + 2 * r * d * s,
+            nbytes=(d * d + r * d) * 4 * 2,
+            dtype="fp32",
+            baselines={"torch": partial(baseline_update, W, Hinv, idx)},
+            kernels={name: partial(update, W, Hinv, idx) for name, (_, update) in fns.items()},
+            restore=partial(copy_back, (W, Hinv), (W0[:r], Hinv0)),
+        )
 
 
 def copy_back(tensors, originals):
@@ -110,13 +127,20 @@ def copy_back(tensors, originals):
 
 def main(argv=None):
     args = parse_args(argv)
-    return run("obs_group_errors", args, cases, [
-        "baseline torch (scoring): gather Hinv[S_b,S_b]; torch.linalg.cholesky + torch.cholesky_inverse; "
-        "err = sum((W_S Ainv) * W_S)",
-        "baseline torch (update): kernels/obs/reference.py group_update "
-        "(cholesky + cholesky_solve + 2 GEMMs)",
-        "flops: scoring B*(s^3/3 + r*s^2), update 2*d^2*s + 2*r*d*s; "
-        "bytes: scoring 4*(B*s^2 + r*d + B), update read+write of Hinv and W, (d^2 + r*d)*4*2"])
+    return run(
+        "obs_group_errors",
+        args,
+        cases,
+        [
+            "baseline torch (scoring): gather Hinv[S_b,S_b]; "
+            "torch.linalg.cholesky + torch.cholesky_inverse; "
+            "err = sum((W_S Ainv) * W_S)",
+            "baseline torch (update): kernels/obs/reference.py group_update "
+            "(cholesky + cholesky_solve + 2 GEMMs)",
+            "flops: scoring B*(s^3/3 + r*s^2), update 2*d^2*s + 2*r*d*s; "
+            "bytes: scoring 4*(B*s^2 + r*d + B), update read+write of Hinv and W, (d^2 + r*d)*4*2",
+        ],
+    )
 
 
 if __name__ == "__main__":

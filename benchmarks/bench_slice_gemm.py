@@ -14,6 +14,7 @@ materialised beforehand (what a physically pruned layer runs: cuBLAS on GPU, BLA
 the speed to reach); "gather" = index_select of X and W, then F.linear, timed (what to beat).
 The Triton launcher is timed with check_indices=False (its range check is a device sync).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,17 @@ MODES = ("in-ch", "in-head", "out")
 def parse_args(argv=None):
     gpu = DEVICE == "cuda"
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", type=int, nargs=2, metavar=("D_OUT", "D_IN"),
-                   default=[4096, 11008] if gpu else [2048, 5504], help="full weight shape")
-    p.add_argument("--prefill", type=int, default=2048 if gpu else 256, help="prefill tokens (0: skip)")
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=2,
+        metavar=("D_OUT", "D_IN"),
+        default=[4096, 11008] if gpu else [2048, 5504],
+        help="full weight shape",
+    )
+    p.add_argument(
+        "--prefill", type=int, default=2048 if gpu else 256, help="prefill tokens (0: skip)"
+    )
     p.add_argument("--decode", type=int, nargs="*", default=[1, 4, 16], help="decode token counts")
     p.add_argument("--keep", type=float, default=0.75, help="kept fraction of the sliced dimension")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -46,11 +55,11 @@ def make_problem(mode, T, d_out, d_in, keep, dtype, seed=0):
     heads/channels come out of a pruning plan."""
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(T, d_in, generator=g).to(DEVICE, dtype)
-    W = (torch.randn(d_out, d_in, generator=g) / d_in ** 0.5).to(DEVICE, dtype)
+    W = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(DEVICE, dtype)
     bias = torch.randn(d_out, generator=g).to(DEVICE, dtype)
     in_block = 128 if mode == "in-head" else 1
     n = d_out if mode == "out" else d_in // in_block
-    kept = torch.randperm(n, generator=g)[:round(n * keep)].sort().values.to(DEVICE)
+    kept = torch.randperm(n, generator=g)[: round(n * keep)].sort().values.to(DEVICE)
     if mode == "out":
         return X, W, bias, None, kept, 1
     return X, W, bias, kept, None, in_block
@@ -65,8 +74,12 @@ def baselines(X, W, bias, in_idx, out_idx, in_block):
     Xs, Ws, bs = X[:, cols].contiguous(), W[rows][:, cols].contiguous(), bias[rows].contiguous()
 
     def gather():
-        return F.linear(X.index_select(1, cols), W.index_select(0, rows).index_select(1, cols),
-                        bias.index_select(0, rows))
+        return F.linear(
+            X.index_select(1, cols),
+            W.index_select(0, rows).index_select(1, cols),
+            bias.index_select(0, rows),
+        )
+
     return {"dense": partial(F.linear, Xs, Ws, bs), "gather": gather}
 
 
@@ -75,6 +88,7 @@ def kernels(names):
     fns = {name: torch.ops.slimops.slice_gemm for name in names if name != "triton"}  # C++ / CUDA
     if "triton" in names:
         from slimops.kernels.slice_gemm import triton as sg_triton
+
         fns["triton"] = partial(sg_triton.slice_gemm, check_indices=False)
     return fns
 
@@ -91,23 +105,37 @@ def traffic(X, W, in_idx, out_idx, in_block):
 
 def cases(args, names):
     fns = kernels(names)
-    phases = ([("prefill", args.prefill)] if args.prefill else []) + [("decode", t) for t in args.decode]
+    phases = ([("prefill", args.prefill)] if args.prefill else []) + [
+        ("decode", t) for t in args.decode
+    ]
     for mode in args.modes:
         for phase, T in phases:
             prob = make_problem(mode, T, *args.shape, args.keep, DTYPES[args.dtype])
             flops, nbytes = traffic(prob[0], prob[1], *prob[3:])
-            yield Case(keys={"mode": mode, "phase": phase, "T": T, "dtype": args.dtype}, flops=flops,
-                       nbytes=nbytes, dtype=args.dtype, baselines=baselines(*prob),
-                       kernels={name: partial(fn, *prob) for name, fn in fns.items()})
+            yield Case(
+                keys={"mode": mode, "phase": phase, "T": T, "dtype": args.dtype},
+                flops=flops,
+                nbytes=nbytes,
+                dtype=args.dtype,
+                baselines=baselines(*prob),
+                kernels={name: partial(fn, *prob) for name, fn in fns.items()},
+            )
 
 
 def main(argv=None):
     args = parse_args(argv)
-    return run("slice_gemm", args, cases, [
-        f"W {args.shape[0]} x {args.shape[1]} {args.dtype}, {args.keep:.0%} kept; flops 2*T*|I|*|J|; "
-        "bytes: X[:, I], W[J][:, I], Y, bias and indices once",
-        "baselines: dense = F.linear on the pre-sliced weight (the speed to reach), "
-        "gather = index_select + F.linear (what to beat); vs: same-run time ratio, >1: faster"])
+    return run(
+        "slice_gemm",
+        args,
+        cases,
+        [
+            f"W {args.shape[0]} x {args.shape[1]} {args.dtype}, {args.keep:.0%} kept; "
+            "flops 2*T*|I|*|J|; "
+            "bytes: X[:, I], W[J][:, I], Y, bias and indices once",
+            "baselines: dense = F.linear on the pre-sliced weight (the speed to reach), "
+            "gather = index_select + F.linear (what to beat); vs: same-run time ratio, >1: faster",
+        ],
+    )
 
 
 if __name__ == "__main__":

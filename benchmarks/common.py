@@ -7,6 +7,7 @@ case the same way, so their numbers compare. Benchmarks run as scripts, so this 
 sys.path (tests: helpers.load_benchmark puts it there). Nothing here imports slimops or
 triton at import time: TRITON_INTERPRET must be set before triton's first import.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ import platform
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch.utils.benchmark import Timer
@@ -29,9 +30,11 @@ KERNEL_BACKENDS = ("cpp", "triton", "cuda")
 
 # ---- the device: a string and its dense datasheet peaks --------------------------------------
 # "H100 PCIe" must be matched before "H100", hence the order. The H200 has the H100 SXM's compute.
-PEAK_TFLOPS = {"H100 PCIe": {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51},
-               "H100": {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67},
-               "H200": {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67}}
+PEAK_TFLOPS = {
+    "H100 PCIe": {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51},
+    "H100": {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67},
+    "H200": {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67},
+}
 HBM_TBS = {"H100 PCIe": 2.0, "H100": 3.35, "H200": 4.8}
 
 
@@ -42,9 +45,11 @@ def device_string(device: str = DEVICE) -> str:
     # here: a batched LAPACK call 2 s instead of 10 ms); OMP_WAIT_POLICY=PASSIVE avoids it,
     # so every CPU row records it, and the load average beside it.
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cpus), "
-            f"{torch.get_num_threads()} threads, "
-            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load {load:.2f}")
+    return (
+        f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cpus), "
+        f"{torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load {load:.2f}"
+    )
 
 
 def _lookup(table: dict, device: str):
@@ -69,8 +74,13 @@ def peak_tbs(device: str = DEVICE) -> float | None:
 
 # ---- one timer ----------------------------------------------------------------------------------
 
-def median_seconds(fn: Callable[[], object], repeats: int = 5, restore: Callable[[], object] | None = None,
-                   device: str = DEVICE) -> float:
+
+def median_seconds(
+    fn: Callable[[], object],
+    repeats: int = 5,
+    restore: Callable[[], object] | None = None,
+    device: str = DEVICE,
+) -> float:
     """Median seconds of one call of fn(); restore() runs untimed before every timed call
     (in-place ops whose inputs must be put back).
 
@@ -82,14 +92,19 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, restore: Callable
     """
     call = _RestoringCall(fn, restore or (lambda: None))
     if device == "cuda":
-        from triton.testing import do_bench   # here, not at import: see the module docstring
+        from triton.testing import do_bench  # here, not at import: see the module docstring
+
         times = []
-        while len(times) < repeats:   # a 60 ms SYRK fits once in do_bench's 100 ms: ask for more
+        while len(times) < repeats:  # a 60 ms SYRK fits once in do_bench's 100 ms: ask for more
             rep = 100 if not times else 2 * (repeats - len(times)) * max(times)
             times += do_bench(call, warmup=25, rep=rep, grad_to_none=[call], return_mode="all")
         return statistics.median(times) / 1e3
-    timer = Timer(stmt="call()", setup="call.reset()", num_threads=torch.get_num_threads(),
-                  globals={"call": call})
+    timer = Timer(
+        stmt="call()",
+        setup="call.reset()",
+        num_threads=torch.get_num_threads(),
+        globals={"call": call},
+    )
     return statistics.median(timer.timeit(1).median for _ in range(repeats))
 
 
@@ -118,32 +133,42 @@ class _RestoringCall:
 
 # ---- which kernels run here -----------------------------------------------------------------
 
-def kernel_backends(op: str, requested: Iterable[str] | None = None, device: str = DEVICE) -> list[str]:
+
+def kernel_backends(
+    op: str, requested: Iterable[str] | None = None, device: str = DEVICE
+) -> list[str]:
     """The requested kernel backends ("cpp", "triton", "cuda") that can run slimops::<op> here,
     in order; other names (baselines) are dropped. Default: all but the Triton interpreter on
     CPU (minutes at these shapes)."""
     requested = list(requested or ["cpp", "cuda"] + (["triton"] if device == "cuda" else []))
     if "triton" in requested and device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")   # before anything imports triton
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
     from slimops import ops
+
     # has_kernel(op, "cpu") is also true for the Python reference fallback: "cpp" means C++.
-    runs = {"cpp": device == "cpu" and ops.has_kernel(op, "cpu") and ops.backends()["cpu"].startswith("C++"),
-            "triton": ops.has_kernel(op, "triton"),
-            "cuda": device == "cuda" and ops.has_kernel(op, "cuda")}
+    runs = {
+        "cpp": device == "cpu"
+        and ops.has_kernel(op, "cpu")
+        and ops.backends()["cpu"].startswith("C++"),
+        "triton": ops.has_kernel(op, "triton"),
+        "cuda": device == "cuda" and ops.has_kernel(op, "cuda"),
+    }
     return [name for name in requested if runs.get(name, False)]
 
 
 # ---- problems, timing, rows ---------------------------------------------------------------------
+
 
 @dataclass
 class Case:
     """One problem. `keys` name it in the table; flops and nbytes are its contract's counts
     (None: not counted); baselines and kernels map names to fn(); every row gets the ratio
     baseline time / its time for each baseline. restore() puts in-place inputs back, untimed."""
+
     keys: dict
     flops: float | None
     nbytes: float | None
-    dtype: str                                   # which datasheet peak applies
+    dtype: str  # which datasheet peak applies
     baselines: dict[str, Callable[[], object]]
     kernels: dict[str, Callable[[], object]]
     restore: Callable[[], object] | None = None
@@ -158,37 +183,53 @@ def rates(case: Case, seconds: float, device: str = DEVICE) -> dict:
     tflops = None if case.flops is None else case.flops / seconds / 1e12
     gbs = None if case.nbytes is None else case.nbytes / seconds / 1e9
     hbm = peak_tbs(device)
-    return {"ms": seconds * 1e3,
-            "tflops": tflops, "pct_peak_flops": _pct(tflops, peak_tflops(case.dtype, device)),
-            "gbs": gbs, "pct_peak_bw": _pct(gbs, None if hbm is None else hbm * 1e3)}
+    return {
+        "ms": seconds * 1e3,
+        "tflops": tflops,
+        "pct_peak_flops": _pct(tflops, peak_tflops(case.dtype, device)),
+        "gbs": gbs,
+        "pct_peak_bw": _pct(gbs, None if hbm is None else hbm * 1e3),
+    }
 
 
 def time_case(case: Case, repeats: int, device: str = DEVICE) -> list[dict]:
     """One row per baseline and kernel; the baselines are timed first, in the same run."""
     fns = case.baselines | case.kernels
     seconds = {name: median_seconds(fn, repeats, case.restore, device) for name, fn in fns.items()}
-    return [case.keys | {"backend": name} | rates(case, t, device)
-            | {f"vs_{b}": seconds[b] / t for b in case.baselines}
-            | {"flops": case.flops, "bytes": case.nbytes}
-            for name, t in seconds.items()]
+    return [
+        case.keys
+        | {"backend": name}
+        | rates(case, t, device)
+        | {f"vs_{b}": seconds[b] / t for b in case.baselines}
+        | {"flops": case.flops, "bytes": case.nbytes}
+        for name, t in seconds.items()
+    ]
 
 
-def measure(cases: Iterable[Case], args: argparse.Namespace, device: str = DEVICE) -> tuple[list[dict], dict]:
+def measure(
+    cases: Iterable[Case], args: argparse.Namespace, device: str = DEVICE
+) -> tuple[list[dict], dict]:
     """(rows of every case, the run's record for the report), timed under --competing-load."""
     rows = []
     with competing_load(args.competing_load, args.competing_kind) as pids:
         load = f"{len(pids)} {args.competing_kind}" if pids else "none"
-        for case in cases:           # a generator: each problem's tensors exist only while it runs
+        for case in cases:  # a generator: each problem's tensors exist only while it runs
             rows += [row | {"load": load} for row in time_case(case, args.repeats, device)]
     from slimops import ops
-    meta = {"device": device_string(device), "torch": torch.__version__, "slimops_backends": ops.backends(),
-            "competing_load": {"processes": len(pids), "kind": args.competing_kind, "pids": pids},
-            "args": vars(args)}
+
+    meta = {
+        "device": device_string(device),
+        "torch": torch.__version__,
+        "slimops_backends": ops.backends(),
+        "competing_load": {"processes": len(pids), "kind": args.competing_kind, "pids": pids},
+        "args": vars(args),
+    }
     return rows, meta
 
 
-def run(op: str, args: argparse.Namespace, cases: Callable[..., Iterable[Case]],
-        notes: list[str]) -> list[dict]:
+def run(
+    op: str, args: argparse.Namespace, cases: Callable[..., Iterable[Case]], notes: list[str]
+) -> list[dict]:
     """A kernel benchmark's main: time cases(args, the kernel backends that run slimops::<op>
     here), print the report and write its JSON; returns the rows."""
     rows, meta = measure(cases(args, kernel_backends(op, args.backends)), args)
@@ -198,26 +239,40 @@ def run(op: str, args: argparse.Namespace, cases: Callable[..., Iterable[Case]],
 
 # ---- one table printer and JSON writer ----------------------------------------------------------
 
-COLUMNS = {"backend": ("backend", "{}"), "ms": ("median ms", "{:.4g}"), "tflops": ("TFLOP/s", "{:.4g}"),
-           "pct_peak_flops": ("% peak flops", "{:.1f}"), "gbs": ("GB/s", "{:.4g}"),
-           "pct_peak_bw": ("% peak HBM", "{:.1f}"), "load": ("competing load", "{}")}
+COLUMNS = {
+    "backend": ("backend", "{}"),
+    "ms": ("median ms", "{:.4g}"),
+    "tflops": ("TFLOP/s", "{:.4g}"),
+    "pct_peak_flops": ("% peak flops", "{:.1f}"),
+    "gbs": ("GB/s", "{:.4g}"),
+    "pct_peak_bw": ("% peak HBM", "{:.1f}"),
+    "load": ("competing load", "{}"),
+}
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """columns: (key, header, format); None prints "n/a"; formatted numbers align right."""
+
     def cell(value, fmt):
         return "n/a" if value is None else fmt.format(value)
-    lines = ["| " + " | ".join(header for _, header, _ in columns) + " |",
-             "|" + "".join("---|" if fmt == "{}" else "---:|" for _, _, fmt in columns)]
-    lines += ["| " + " | ".join(cell(row.get(key), fmt) for key, _, fmt in columns) + " |" for row in rows]
+
+    lines = [
+        "| " + " | ".join(header for _, header, _ in columns) + " |",
+        "|" + "".join("---|" if fmt == "{}" else "---:|" for _, _, fmt in columns),
+    ]
+    lines += [
+        "| " + " | ".join(cell(row.get(key), fmt) for key, _, fmt in columns) + " |" for row in rows
+    ]
     return "\n".join(lines)
 
 
 def table_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
     """Every key of the rows in order but the raw counts (JSON only); vs_<b> are ratios."""
+
     def column(key):
         ratio = key.startswith("vs_")
         return COLUMNS.get(key, (key.replace("_", " "), "{:.2f}x" if ratio else "{}"))
+
     return [(key, *column(key)) for key in rows[0] if key not in ("flops", "bytes")]
 
 
@@ -231,8 +286,11 @@ def report(rows: list[dict], meta: dict, notes: list[str], json_path: str | None
     table; write all of it as JSON when json_path is given."""
     load = meta["competing_load"]
     print(f"device: {meta['device']}")
-    print(f"competing load: {load['processes']} {load['kind']} process(es) during every timed call"
-          if load["processes"] else "competing load: none")
+    print(
+        f"competing load: {load['processes']} {load['kind']} process(es) during every timed call"
+        if load["processes"]
+        else "competing load: none"
+    )
     print("\n".join(notes) + "\n")
     print(markdown_table(rows, table_columns(rows)) if rows else "(nothing to time)")
     if json_path:
@@ -241,33 +299,57 @@ def report(rows: list[dict], meta: dict, notes: list[str], json_path: str | None
 
 # ---- arguments and the competing load -----------------------------------------------------------
 
+
 def _at_least(low: int):
     """argparse type: an integer >= low, or a one-line error before any work."""
+
     def parse(text: str) -> int:
         if not text.lstrip("-").isdigit() or int(text) < low:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
         return int(text)
+
     return parse
 
 
-def add_shared_args(p: argparse.ArgumentParser, repeats: int, baselines: Iterable[str] = ()) -> None:
-    p.add_argument("--backends", nargs="+", choices=[*baselines, *KERNEL_BACKENDS],
-                   help="kernels to time (default: every one that runs here, but not the Triton "
-                        "interpreter on CPU); the baselines always run, for the ratios")
-    p.add_argument("--repeats", type=_at_least(1), default=repeats,
-                   help="timed calls, median (GPU: at least this many; more if they fit in 100 ms)")
+def add_shared_args(
+    p: argparse.ArgumentParser, repeats: int, baselines: Iterable[str] = ()
+) -> None:
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=[*baselines, *KERNEL_BACKENDS],
+        help="kernels to time (default: every one that runs here, but not the Triton "
+        "interpreter on CPU); the baselines always run, for the ratios",
+    )
+    p.add_argument(
+        "--repeats",
+        type=_at_least(1),
+        default=repeats,
+        help="timed calls, median (GPU: at least this many; more if they fit in 100 ms)",
+    )
     p.add_argument("--json", metavar="PATH", help="write the rows and the run's settings here")
-    p.add_argument("--competing-load", type=_at_least(0), default=0, metavar="N",
-                   help="run N CPU-bound processes during the timing (killed after), to see the "
-                        "same-run ratios on a busy machine")
-    p.add_argument("--competing-kind", choices=sorted(LOADS), default="busy",
-                   help="busy: a pure-Python loop, one core each, like a parallel build; "
-                        "matmul: one-thread torch GEMMs, which also compete for caches and DRAM")
+    p.add_argument(
+        "--competing-load",
+        type=_at_least(0),
+        default=0,
+        metavar="N",
+        help="run N CPU-bound processes during the timing (killed after), to see the "
+        "same-run ratios on a busy machine",
+    )
+    p.add_argument(
+        "--competing-kind",
+        choices=sorted(LOADS),
+        default="busy",
+        help="busy: a pure-Python loop, one core each, like a parallel build; "
+        "matmul: one-thread torch GEMMs, which also compete for caches and DRAM",
+    )
 
 
 # (setup, loop body) of each kind of competing process.
-LOADS = {"busy": ("", "pass"),
-         "matmul": ("import torch; torch.set_num_threads(1); a = torch.randn(512, 512)", "a @ a")}
+LOADS = {
+    "busy": ("", "pass"),
+    "matmul": ("import torch; torch.set_num_threads(1); a = torch.randn(512, 512)", "a @ a"),
+}
 # Each child says "ready" once it loops, and leaves the loop by itself when its parent is gone
 # (a benchmark killed by SIGKILL cannot clean up).
 _CHILD = """import os, sys
@@ -288,13 +370,21 @@ def competing_load(n: int, kind: str = "busy"):
     procs = []
     try:
         for _ in range(n):
-            procs.append(subprocess.Popen([sys.executable, "-c", script, str(os.getpid())], text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", script, str(os.getpid())],
+                    text=True,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                )
+            )
         for p in procs:
             if p.stdout.readline().strip() != "ready":
                 p.wait()
-                raise RuntimeError(f"competing load process {p.pid} did not start: {p.stderr.read().strip()}")
+                raise RuntimeError(
+                    f"competing load process {p.pid} did not start: {p.stderr.read().strip()}"
+                )
         yield [p.pid for p in procs]
     finally:
         for p in procs:

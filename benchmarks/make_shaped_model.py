@@ -11,6 +11,7 @@ Weights are HF's init with std 0.02 (initializer_range), which keeps activations
 through 32 layers, drawn directly in --dtype: a 7B bf16 model is ~13.5 GB in memory once,
 never an fp32 copy (27 GB) first. Explicit options override a preset.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,23 @@ import torch
 
 REFERENCE = Path(__file__).resolve().parent.parent / "slimops" / "assets" / "reference_model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-TOKENIZER_VOCAB, TOKEN_ID = 4096, 0        # its size; <|endoftext|> is bos = eos = pad = 0
+TOKENIZER_VOCAB, TOKEN_ID = 4096, 0  # its size; <|endoftext|> is bos = eos = pad = 0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULTS = dict(hidden=1024, ffn=2816, heads=16, kv_heads=4, layers=8, vocab=4096,
-                dtype="fp32", max_positions=4096)
-PRESETS = {"llama-7b": dict(hidden=4096, ffn=11008, heads=32, kv_heads=32, layers=32,
-                            vocab=32000, dtype="bf16")}
+DEFAULTS = dict(
+    hidden=1024,
+    ffn=2816,
+    heads=16,
+    kv_heads=4,
+    layers=8,
+    vocab=4096,
+    dtype="fp32",
+    max_positions=4096,
+)
+PRESETS = {
+    "llama-7b": dict(
+        hidden=4096, ffn=11008, heads=32, kv_heads=32, layers=32, vocab=32000, dtype="bf16"
+    )
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,14 +54,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int)
     p.add_argument("--max-positions", type=int, help="max_position_embeddings")
     p.add_argument("--dtype", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cpu", help="where to draw the weights (cuda is faster "
-                                                     "for 7B); they are saved from there")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where to draw the weights (cuda is faster for 7B); they are saved from there",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     chosen = {**DEFAULTS, **PRESETS.get(args.preset, {})}
-    for key, value in chosen.items():          # explicit options beat the preset
+    for key, value in chosen.items():  # explicit options beat the preset
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
@@ -64,8 +79,10 @@ def check_args(args) -> None:
     if args.heads % args.kv_heads:
         raise ValueError(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
     if args.vocab < TOKENIZER_VOCAB:
-        raise ValueError(f"--vocab {args.vocab} < {TOKENIZER_VOCAB}: the reference tokenizer "
-                         "would emit ids past the embedding")
+        raise ValueError(
+            f"--vocab {args.vocab} < {TOKENIZER_VOCAB}: the reference tokenizer "
+            "would emit ids past the embedding"
+        )
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty (use --overwrite)")
@@ -73,18 +90,28 @@ def check_args(args) -> None:
 
 def build_config(args):
     from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                       intermediate_size=args.ffn, num_hidden_layers=args.layers,
-                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                       head_dim=args.hidden // args.heads,
-                       max_position_embeddings=args.max_positions, initializer_range=0.02,
-                       tie_word_embeddings=False, bos_token_id=TOKEN_ID,
-                       eos_token_id=TOKEN_ID, pad_token_id=TOKEN_ID)
+
+    return LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+        max_position_embeddings=args.max_positions,
+        initializer_range=0.02,
+        tie_word_embeddings=False,
+        bos_token_id=TOKEN_ID,
+        eos_token_id=TOKEN_ID,
+        pad_token_id=TOKEN_ID,
+    )
 
 
 def build_model(args):
     """Random-init LlamaForCausalLM, parameters created and initialised in args.dtype."""
     from transformers import AutoModelForCausalLM
+
     torch.manual_seed(args.seed)
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(build_config(args), dtype=DTYPES[args.dtype])
@@ -110,8 +137,10 @@ def main(argv=None) -> int:
     model = build_model(args)
     params = sum(p.numel() for p in model.parameters())
     out = save(model, Path(args.out), args.overwrite)
-    shape = {k: getattr(args, k) for k in ("hidden", "ffn", "heads", "kv_heads", "layers",
-                                          "vocab", "dtype")}
+    shape = {
+        k: getattr(args, k)
+        for k in ("hidden", "ffn", "heads", "kv_heads", "layers", "vocab", "dtype")
+    }
     print(f"wrote {out}: {params:,} params, {json.dumps(shape)}")
     return 0
 

@@ -35,8 +35,9 @@ TORCH_LIBRARY(slimops, m) {
   m.def("obs_group_update(Tensor(a!) W, Tensor(b!) Hinv, Tensor idx) -> Tensor");
   // Y = X[:, I] @ W[J][:, I]^T (+ bias[J]); I = kept input blocks of width in_block (heads:
   // head_dim, channels: 1), J = kept output rows; None keeps all. Gathered in-kernel.
-  m.def("slice_gemm(Tensor X, Tensor W, Tensor? bias, Tensor? in_idx, Tensor? out_idx, "
-        "int in_block) -> Tensor");
+  m.def(
+      "slice_gemm(Tensor X, Tensor W, Tensor? bias, Tensor? in_idx, Tensor? out_idx, "
+      "int in_block) -> Tensor");
   // "cpu" or "cuda": which kernels this build contains (read by slimops.ops.backends()).
   m.def("_build_info() -> str", &build_info);
 }

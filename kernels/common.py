@@ -1,6 +1,7 @@
 """What the three kernel families share on the host: the C++ kernels' message formatting
 (so the Python checks raise exactly the C++ messages), one-sync index ranges, and the
 Triton launch context. Imports no triton: checks run in the pure-Python fallback too."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,9 +13,18 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # How c10 prints a ScalarType (the C++ messages name dtypes this way).
-_CPP_DTYPE = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
-              torch.bfloat16: "BFloat16", torch.int8: "Char", torch.uint8: "Byte",
-              torch.int16: "Short", torch.int32: "Int", torch.int64: "Long", torch.bool: "Bool"}
+_CPP_DTYPE = {
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.int16: "Short",
+    torch.int32: "Int",
+    torch.int64: "Long",
+    torch.bool: "Bool",
+}
 
 
 def check(ok: bool, op: str, msg: str) -> None:
@@ -41,8 +51,12 @@ def index_range(idx: torch.Tensor) -> tuple[int, int]:
 
 def check_triton_device(op: str, t: torch.Tensor) -> None:
     """Compiled Triton needs CUDA tensors; CPU tensors only run under the interpreter."""
-    check(t.is_cuda or INTERPRET, op, f"the Triton kernel needs CUDA tensors, got {t.device} "
-          "(set TRITON_INTERPRET=1 before importing triton to run it on CPU)")
+    check(
+        t.is_cuda or INTERPRET,
+        op,
+        f"the Triton kernel needs CUDA tensors, got {t.device} "
+        "(set TRITON_INTERPRET=1 before importing triton to run it on CPU)",
+    )
 
 
 def on_device(t: torch.Tensor):

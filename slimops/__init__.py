@@ -1,4 +1,7 @@
 """slimops: structured pruning of Hugging Face LLMs (see README.md; code map: ARCHITECTURE.md)."""
+
 from .checkpoint import load, save_pruned
+
+__all__ = ["load", "save_pruned"]
 
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ slimops/models/remote_modeling.py, so `AutoModelForCausalLM.from_pretrained(path
 trust_remote_code=True)` (`AutoModel` for BERT-style encoders) works without slimops.
 Writes are atomic: everything goes to a temp dir beside the target, then one rename.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,10 @@ _PROBE_TEXT = "Hello, World! 12345 3.14159\n\n  def f(x):\treturn x ** 2  # naï
 
 
 # The auto class each family's default model class comes from, by mapping name.
-_AUTO_MAPPINGS = {"AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING",
-                  "AutoModel": "MODEL_MAPPING"}
+_AUTO_MAPPINGS = {
+    "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING",
+    "AutoModel": "MODEL_MAPPING",
+}
 
 
 def family_classes(model_type: str, class_name: str | None = None) -> tuple[type, type]:
@@ -67,8 +70,11 @@ def _stock_biases(adapter) -> dict[str, bool]:
             stock = type(layer)(adapter.config, layer_idx=0)
         except TypeError:
             stock = type(layer)(adapter.config)
-    return {role: adapter.linear(stock, role).bias is not None
-            for role, path in adapter.paths.items() if path is not None}
+    return {
+        role: adapter.linear(stock, role).bias is not None
+        for role, path in adapter.paths.items()
+        if path is not None
+    }
 
 
 def model_layer_shapes(model) -> list[dict]:
@@ -88,38 +94,48 @@ def model_layer_shapes(model) -> list[dict]:
     return shapes
 
 
-def _stock_config(config_dict: dict, shapes: list[dict], head_dim: int,
-                  model_cls: type) -> dict | None:
+def _stock_config(
+    config_dict: dict, shapes: list[dict], head_dim: int, model_cls: type
+) -> dict | None:
     """config.json for a plain stock checkpoint, or None when the stock config can't say it."""
     if any(s != shapes[0] for s in shapes) or set(shapes[0]) != set(remote.SHAPE_KEYS):
-        return None                  # per-layer shapes, or biases the stock family lacks
+        return None  # per-layer shapes, or biases the stock family lacks
     spec = remote.family_spec(config_dict["model_type"])
     # Only keys the family's config has (BertConfig: no num_key_value_heads, no head_dim).
     candidate = {**config_dict, **{k: shapes[0][k] for k in spec["config_keys"]}}
     if spec["explicit_head_dim"]:
         candidate["head_dim"] = head_dim
     config_cls = family_classes(config_dict["model_type"])[0]
-    try:    # the family's own validators decide (LlamaConfig: hidden % heads == 0)
+    try:  # the family's own validators decide (LlamaConfig: hidden % heads == 0)
         config = config_cls.from_dict(candidate)
     except Exception:  # noqa: BLE001  (strict-dataclass validators raise several types)
         return None
     # BERT derives attention_head_size = hidden // heads: a head-pruned BERT only fits
     # when that still equals the real head width (and divides evenly).
-    if not spec["explicit_head_dim"] and (config.hidden_size % shapes[0]["num_attention_heads"]
-                                          or remote.head_dim_of(config) != head_dim):
+    if not spec["explicit_head_dim"] and (
+        config.hidden_size % shapes[0]["num_attention_heads"]
+        or remote.head_dim_of(config) != head_dim
+    ):
         return None
     return {**candidate, "architectures": [model_cls.__name__]}
 
 
-def _remote_config(config_dict: dict, shapes: list[dict], head_dim: int,
-                   config_cls: type, model_cls: type) -> dict:
+def _remote_config(
+    config_dict: dict, shapes: list[dict], head_dim: int, config_cls: type, model_cls: type
+) -> dict:
     name = remote.class_name(config_cls, model_cls)
-    return {**config_dict, "head_dim": head_dim, "slimops_layers": shapes,
-            "slimops_base_model_type": config_dict["model_type"],
-            "slimops_base_class": model_cls.__name__,
-            "architectures": [name],
-            "auto_map": {"AutoConfig": f"{REMOTE_MODULE}.SlimopsConfig",
-                         auto_class_name(config_cls, model_cls): f"{REMOTE_MODULE}.{name}"}}
+    return {
+        **config_dict,
+        "head_dim": head_dim,
+        "slimops_layers": shapes,
+        "slimops_base_model_type": config_dict["model_type"],
+        "slimops_base_class": model_cls.__name__,
+        "architectures": [name],
+        "auto_map": {
+            "AutoConfig": f"{REMOTE_MODULE}.SlimopsConfig",
+            auto_class_name(config_cls, model_cls): f"{REMOTE_MODULE}.{name}",
+        },
+    }
 
 
 def _remote_source(config_cls: type, model_cls: type) -> str:
@@ -157,10 +173,12 @@ def _save_tokenizer(folder: Path, tokenizer) -> bool:
         _redirect_auto_tokenizer(folder)
         if _auto_tokenizer_fingerprint(folder) == want:
             return True
-    raise ValueError(f"AutoTokenizer.from_pretrained on the saved checkpoint gives other token "
-                     f"ids than the {type(tokenizer).__name__} passed in (model_type "
-                     "decides the class in transformers 5); save without tokenizer= and ship "
-                     "the tokenizer separately, or pass the family's own tokenizer class")
+    raise ValueError(
+        f"AutoTokenizer.from_pretrained on the saved checkpoint gives other token "
+        f"ids than the {type(tokenizer).__name__} passed in (model_type "
+        "decides the class in transformers 5); save without tokenizer= and ship "
+        "the tokenizer separately, or pass the family's own tokenizer class"
+    )
 
 
 def _write_checkpoint(tmp: Path, model, tokenizer, plan, extra_info, extra_files) -> None:
@@ -172,15 +190,16 @@ def _write_checkpoint(tmp: Path, model, tokenizer, plan, extra_info, extra_files
     config_dict = json.loads(config_path.read_text())
     for key in _OWN_KEYS:
         config_dict.pop(key, None)
-    config_dict = (_stock_config(config_dict, shapes, adapter.head_dim, model_cls)
-                   or _remote_config(config_dict, shapes, adapter.head_dim, config_cls, model_cls))
+    config_dict = _stock_config(config_dict, shapes, adapter.head_dim, model_cls) or _remote_config(
+        config_dict, shapes, adapter.head_dim, config_cls, model_cls
+    )
     config_path.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     # config.json first: AutoTokenizer reads its model_type in the check.
     tokenizer_needs_remote = tokenizer is not None and _save_tokenizer(tmp, tokenizer)
     remote_file = tmp / REMOTE_FILE
     if "auto_map" in config_dict or tokenizer_needs_remote:
         remote_file.write_text(_remote_source(config_cls, model_cls))
-    elif remote_file.exists():     # save_pretrained copies it when re-saving a remote-code model
+    elif remote_file.exists():  # save_pretrained copies it when re-saving a remote-code model
         remote_file.unlink()
     if plan is not None:
         (tmp / PLAN_FILE).write_text(plan.to_json())
@@ -204,13 +223,13 @@ def _remove(path: Path) -> None:
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     if not _is_occupied(out):
         if out.exists():
-            out.rmdir()              # an empty dir: rename cannot replace it on every OS
+            out.rmdir()  # an empty dir: rename cannot replace it on every OS
         os.rename(tmp, out)
         return
     if not overwrite:
         raise FileExistsError(f"{out} appeared during the save; pass overwrite=True to replace it")
     aside = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(out, aside)            # old kept whole until the new one is in place
+    os.rename(out, aside)  # old kept whole until the new one is in place
     try:
         os.rename(tmp, out)
     except BaseException:
@@ -219,8 +238,15 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     _remove(aside)
 
 
-def save_pruned(model, out_dir, tokenizer=None, plan=None, extra_info=None,
-                overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> Path:
+def save_pruned(
+    model,
+    out_dir,
+    tokenizer=None,
+    plan=None,
+    extra_info=None,
+    overwrite: bool = False,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
     """Write `model` (sliced, per-layer shapes) as a loadable HF folder; returns its path.
 
     extra_files: name -> bytes written into the folder too (e.g. search's Pareto plot).
@@ -230,15 +256,17 @@ def save_pruned(model, out_dir, tokenizer=None, plan=None, extra_info=None,
     """
     out = Path(out_dir).expanduser().absolute()
     if _is_occupied(out) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it "
-                              "or choose another folder")
+        raise FileExistsError(
+            f"{out} exists and is not empty; pass overwrite=True to replace it "
+            "or choose another folder"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     # Same filesystem as out_dir, so the final rename is atomic.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write_checkpoint(tmp, model, tokenizer, plan, extra_info, extra_files)
         _move_into_place(tmp, out, overwrite)
-    except BaseException:            # KeyboardInterrupt included: never leave a half save
+    except BaseException:  # KeyboardInterrupt included: never leave a half save
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
@@ -257,8 +285,7 @@ def load(path, device="cpu", dtype=None):
     if "slimops_layers" in raw:
         family = raw.get("slimops_base_model_type") or raw["model_type"]
         # The same classes the checkpoint's modeling_slimops.py defines: one source of truth.
-        _, model_cls = remote.make_classes(
-            *family_classes(family, raw.get("slimops_base_class")))
+        _, model_cls = remote.make_classes(*family_classes(family, raw.get("slimops_base_class")))
         model = model_cls.from_pretrained(path, **kwargs)
     else:
         model = _plain_class(raw).from_pretrained(path, trust_remote_code=False, **kwargs)
@@ -273,7 +300,7 @@ def _plain_class(raw: dict):
         return getattr(transformers, arch)
     try:
         return getattr(transformers, remote.family_spec(raw.get("model_type"))["auto_class"])
-    except ValueError:       # not a slimops family: still a plain causal LM folder
+    except ValueError:  # not a slimops family: still a plain causal LM folder
         return transformers.AutoModelForCausalLM
 
 

@@ -1,4 +1,5 @@
 """`slimops prune | eval | bench | demo` (see README for examples)."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,22 +10,42 @@ from pathlib import Path
 
 from .methods import METHODS
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, FloatingPointError,
-               ImportError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    OSError,
+    FloatingPointError,
+    ImportError,
+)
 
 
 def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="prune a HF causal LM and save the smaller checkpoint")
     p.add_argument("model", help="local HF model folder or hub id")
-    p.add_argument("--method", default="slimgpt", choices=list(METHODS),
-                   help="; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()))
-    p.add_argument("--ratio", type=float, default=0.2,
-                   help="share of decoder-layer parameters to remove, in (0, 1)")
-    p.add_argument("--schedule", default=None,
-                   help="per-layer ratios: log | linear | uniform | comma-separated list "
-                        "(default: log for slimgpt, uniform for the baselines; flap is adaptive)")
-    p.add_argument("--calib", default="wikitext2",
-                   help="wikitext2 | c4 | a text file | a folder of text files | ids.pt")
+    p.add_argument(
+        "--method",
+        default="slimgpt",
+        choices=list(METHODS),
+        help="; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()),
+    )
+    p.add_argument(
+        "--ratio",
+        type=float,
+        default=0.2,
+        help="share of decoder-layer parameters to remove, in (0, 1)",
+    )
+    p.add_argument(
+        "--schedule",
+        default=None,
+        help="per-layer ratios: log | linear | uniform | comma-separated list "
+        "(default: log for slimgpt, uniform for the baselines; flap is adaptive)",
+    )
+    p.add_argument(
+        "--calib",
+        default="wikitext2",
+        help="wikitext2 | c4 | a text file | a folder of text files | ids.pt",
+    )
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -32,13 +53,20 @@ def _add_prune(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--align", type=int, default=None,
-                   help="slimgpt: keep every layer's FFN width a multiple of N and whole KV "
-                        "groups (default per device: off on CPU, 64 on CUDA; see README); "
-                        "search: the FFN width step")
+    p.add_argument(
+        "--align",
+        type=int,
+        default=None,
+        help="slimgpt: keep every layer's FFN width a multiple of N and whole KV "
+        "groups (default per device: off on CPU, 64 on CUDA; see README); "
+        "search: the FFN width step",
+    )
     p.add_argument("--json", help="also write the prune report as JSON here")
-    _add_method_options(p.add_argument_group("method options (each method takes its own; "
-                                             "unset: the method's default)"))
+    _add_method_options(
+        p.add_argument_group(
+            "method options (each method takes its own; unset: the method's default)"
+        )
+    )
 
 
 SEARCH_PLOT = "search_pareto.png"
@@ -49,7 +77,9 @@ _OWN_OPTIONS = ("align", "seed")
 def _add_method_options(group) -> None:
     """One flag per method config field (slimops.methods.option_fields)."""
     import dataclasses
+
     from .methods import METHODS, option_fields
+
     for name, f in option_fields().items():
         if name in _OWN_OPTIONS:
             continue
@@ -58,8 +88,7 @@ def _add_method_options(group) -> None:
         text = f"{f.metadata.get('help', '')} ({owners}; default {default})".lstrip()
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                               help=text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = type(default) if default is not None else float
             group.add_argument(flag, type=kind, default=None, help=text)
@@ -68,8 +97,11 @@ def _add_method_options(group) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity and parameter count of a model")
     p.add_argument("model")
-    p.add_argument("--data", default="wikitext2",
-                   help="wikitext2 | c4 (test split) | a text file | a folder of text files")
+    p.add_argument(
+        "--data",
+        default="wikitext2",
+        help="wikitext2 | c4 (test split) | a text file | a folder of text files",
+    )
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-windows", type=int, default=None, help="score only this many windows")
@@ -80,13 +112,19 @@ def _add_eval(sub) -> None:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser(
-        "bench", help="prefill/decode tok/s, TTFT, peak memory, params, MACs of models",
+        "bench",
+        help="prefill/decode tok/s, TTFT, peak memory, params, MACs of models",
         description="Benchmark models side by side through HF generate (greedy, exactly --gen "
-                    "new tokens, static KV cache where the model supports it). The last line "
-                    "is 'speedup decode X prefill Y': the LAST model's median tok/s over the "
-                    "FIRST model's, at the FIRST --batch and FIRST --prompt value.")
-    p.add_argument("models", nargs="+", metavar="MODEL",
-                   help="HF causal-LM folders or slimops checkpoints (dense first, pruned last)")
+        "new tokens, static KV cache where the model supports it). The last line "
+        "is 'speedup decode X prefill Y': the LAST model's median tok/s over the "
+        "FIRST model's, at the FIRST --batch and FIRST --prompt value.",
+    )
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="HF causal-LM folders or slimops checkpoints (dense first, pruned last)",
+    )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes")
@@ -94,10 +132,16 @@ def _add_bench(sub) -> None:
     p.add_argument("--gen", type=int, default=128, help="new tokens per generate (>= 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per shape")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds per shape")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the forward (CUDA graphs on GPU; mainly for GPU)")
-    p.add_argument("--no-static-cache", action="store_true",
-                   help="use the dynamic KV cache instead of the static one")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the forward (CUDA graphs on GPU; mainly for GPU)",
+    )
+    p.add_argument(
+        "--no-static-cache",
+        action="store_true",
+        help="use the dynamic KV cache instead of the static one",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
     p.add_argument("--json", help="write every raw repeat and the summary here")
     p.add_argument("--plot", help="write a PNG bar chart of prefill and decode tok/s here")
@@ -108,8 +152,12 @@ def _add_demo(sub) -> None:
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--out", help="also save the pruned checkpoint here")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--eval-windows", type=int, default=512,
-                   help="score this many 128-token test windows (0 = the whole test split)")
+    p.add_argument(
+        "--eval-windows",
+        type=int,
+        default=512,
+        help="score this many 128-token test windows (0 = the whole test split)",
+    )
 
 
 def cmd_prune(args) -> None:
@@ -118,30 +166,47 @@ def cmd_prune(args) -> None:
     from .loading import model_config
     from .methods import make_config
     from .schedules import parse_schedule
+
     schedule = None if args.schedule is None else parse_schedule(args.schedule)
     options = _method_options(args)
     make_config(args.method, args.ratio, schedule, args.device, **options)  # all cheap checks first
-    model_config(args.model)                                # an unsupported family fails first
+    model_config(args.model)  # an unsupported family fails first
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty (use --overwrite)")
     if args.calib not in calibration.HUB_DATASETS and not Path(args.calib).exists():
-        raise FileNotFoundError(f"--calib {args.calib!r} is neither "
-                                f"{calibration.HUB_DATASETS} nor an existing file or folder")
-    tokenizer = pipeline.load_tokenizer(args.model)         # calibration before weights:
-    tokens = calibration.calibration_tokens(args.calib, tokenizer, args.nsamples, args.seqlen,
-                                            args.seed)           # short data fails fast
+        raise FileNotFoundError(
+            f"--calib {args.calib!r} is neither "
+            f"{calibration.HUB_DATASETS} nor an existing file or folder"
+        )
+    tokenizer = pipeline.load_tokenizer(args.model)  # calibration before weights:
+    tokens = calibration.calibration_tokens(
+        args.calib, tokenizer, args.nsamples, args.seqlen, args.seed
+    )  # short data fails fast
     model, _ = pipeline.load_model(args.model, args.dtype)
-    plan, report = pipeline.prune_model(model, tokens, args.method, args.ratio, schedule,
-                                        args.device, **options)
-    info = _report_dict(report) | {"model": args.model, "calib": args.calib,
-                                   "nsamples": args.nsamples, "seqlen": args.seqlen}
+    plan, report = pipeline.prune_model(
+        model, tokens, args.method, args.ratio, schedule, args.device, **options
+    )
+    info = _report_dict(report) | {
+        "model": args.model,
+        "calib": args.calib,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+    }
     extra = {}
-    if "pareto_params" in plan.info:             # search: the Pareto front as a picture
+    if "pareto_params" in plan.info:  # search: the Pareto front as a picture
         from .evaluation.search_report import pareto_png
+
         extra[SEARCH_PLOT] = pareto_png(plan.info)
-    save_pruned(model.to("cpu"), out, tokenizer=tokenizer, plan=plan, extra_info=info,
-                overwrite=args.overwrite, extra_files=extra)
+    save_pruned(
+        model.to("cpu"),
+        out,
+        tokenizer=tokenizer,
+        plan=plan,
+        extra_info=info,
+        overwrite=args.overwrite,
+        extra_files=extra,
+    )
     print(report.summary())
     if extra:
         print(f"search history and Pareto front: {out / 'slimops_plan.json'}, {out / SEARCH_PLOT}")
@@ -154,8 +219,12 @@ def _method_options(args) -> dict:
     """The method options the user set (others keep the method's default), plus --align's
     per-device default and --seed for methods that take them."""
     from .methods import METHODS, option_fields
-    options = {name: getattr(args, name) for name in option_fields()
-               if name not in _OWN_OPTIONS and getattr(args, name) is not None}
+
+    options = {
+        name: getattr(args, name)
+        for name in option_fields()
+        if name not in _OWN_OPTIONS and getattr(args, name) is not None
+    }
     options["align"] = _align(args)
     if "seed" in METHODS[args.method].options():
         options["seed"] = args.seed
@@ -167,29 +236,41 @@ def _align(args) -> int | None:
     if args.align is not None or "align" not in METHODS[args.method].options():
         return args.align
     from .methods.align import default_align
+
     return default_align(args.device)
 
 
 def _report_dict(report) -> dict:
-    return asdict(report) | {"achieved_ratio": report.achieved_ratio,
-                             "total_ratio": report.total_ratio}
+    return asdict(report) | {
+        "achieved_ratio": report.achieved_ratio,
+        "total_ratio": report.total_ratio,
+    }
 
 
 def cmd_eval(args) -> None:
     from . import calibration, pipeline
     from .evaluation.perplexity import perplexity
     from .models import get_adapter
+
     model, tokenizer = pipeline.load_model(args.model, args.dtype)
     split = "test" if args.data in calibration.HUB_DATASETS else "train"
     ids = calibration.tokenize(calibration.load_text(args.data, split), tokenizer)
     model.to(args.device)
     ppl = perplexity(model, ids, args.seqlen, args.batch_size, max_windows=args.max_windows)
     adapter = get_adapter(model)
-    result = {"ppl": ppl, "params": adapter.total_params(),
-              "decoder_params": adapter.decoder_params(), "seqlen": args.seqlen,
-              "tokens": int(ids.numel()), "data": args.data, "model": args.model}
-    print(f"ppl {ppl:.3f}  params {result['params']:,}  ({result['tokens']:,} tokens, "
-          f"seqlen {args.seqlen})")
+    result = {
+        "ppl": ppl,
+        "params": adapter.total_params(),
+        "decoder_params": adapter.decoder_params(),
+        "seqlen": args.seqlen,
+        "tokens": int(ids.numel()),
+        "data": args.data,
+        "model": args.model,
+    }
+    print(
+        f"ppl {ppl:.3f}  params {result['params']:,}  ({result['tokens']:,} tokens, "
+        f"seqlen {args.seqlen})"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 
@@ -197,11 +278,20 @@ def cmd_eval(args) -> None:
 def cmd_bench(args) -> None:
     from .evaluation import report as bench_report
     from .evaluation.throughput import BenchSettings, run_bench
-    settings = BenchSettings(device=args.device, dtype=args.dtype, batches=args.batch,
-                             prompts=args.prompt, gen=args.gen, repeats=args.repeats,
-                             warmup=args.warmup, compile=args.compile,
-                             static_cache=not args.no_static_cache, seed=args.seed)
-    if args.plot:                      # fail before the (long) run, not after it
+
+    settings = BenchSettings(
+        device=args.device,
+        dtype=args.dtype,
+        batches=args.batch,
+        prompts=args.prompt,
+        gen=args.gen,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        compile=args.compile,
+        static_cache=not args.no_static_cache,
+        seed=args.seed,
+    )
+    if args.plot:  # fail before the (long) run, not after it
         import matplotlib  # noqa: F401
     result = run_bench(args.models, settings)
     for note in result["notes"]:
@@ -218,6 +308,7 @@ def cmd_bench(args) -> None:
 
 def cmd_demo(args) -> None:
     from .demo import run_demo
+
     run_demo(ratio=args.ratio, out=args.out, device=args.device, eval_windows=args.eval_windows)
 
 
@@ -230,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_demo(sub)
     args = parser.parse_args(argv)
     try:
-        {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench,
-         "demo": cmd_demo}[args.command](args)
+        {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo}[args.command](
+            args
+        )
     except USER_ERRORS as err:
         print(f"slimops {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ The corpus is the Debian ``python3-doc`` package's reStructuredText sources
 relative path), so it is identical on every machine and never leaks text
 between the splits.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,10 +4,10 @@ Prunes the shipped reference model (a small LLaMA-architecture GQA model trained
 python3-doc corpus by scripts/train_reference_model.py) with SlimGPT, and prints dense vs
 pruned perplexity on the corpus' held-out test files, parameters and time.
 """
+
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 import torch
@@ -23,14 +23,17 @@ def demo_data(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(calibration windows, eval ids, description). Falls back to data-free calibration
     (text sampled from the dense model) where the corpus is not installed."""
     from . import calibration, corpus
+
     if corpus.find_corpus_dir() is not None:
         train = calibration.tokenize(corpus.read_split("train"), tokenizer)
         test = calibration.tokenize(corpus.read_split("test"), tokenizer)
         calib = calibration.sample_windows(train, CALIB_SAMPLES, CALIB_SEQLEN, seed=0)
         return calib, test, "python3-doc corpus (train files -> calibration, test files -> ppl)"
-    print(f"note: {corpus.CORPUS_HINT}\n"
-          "falling back to DATA-FREE calibration: text sampled from the dense model itself; "
-          "perplexity is then measured on other model samples, not on real text")
+    print(
+        f"note: {corpus.CORPUS_HINT}\n"
+        "falling back to DATA-FREE calibration: text sampled from the dense model itself; "
+        "perplexity is then measured on other model samples, not on real text"
+    )
     calib = calibration.sample_from_model(model, tokenizer, CALIB_SAMPLES // 2, CALIB_SEQLEN, 0)
     test = calibration.sample_from_model(model, tokenizer, 16, CALIB_SEQLEN, seed=1).reshape(-1)
     return calib, test, "model-sampled text (data-free fallback)"
@@ -41,18 +44,25 @@ def _shown(path: Path) -> str:
     return f"slimops/{path.relative_to(Path(__file__).parent).as_posix()}"
 
 
-def run_demo(ratio: float = 0.2, out: str | None = None, device: str = "cpu",
-             eval_windows: int = EVAL_WINDOWS) -> dict:
+def run_demo(
+    ratio: float = 0.2,
+    out: str | None = None,
+    device: str = "cpu",
+    eval_windows: int = EVAL_WINDOWS,
+) -> dict:
     from .checkpoint import save_pruned
     from .evaluation.perplexity import perplexity
     from .pipeline import load_model, prune_model
+
     torch.manual_seed(0)
     dense, tokenizer = load_model(str(REFERENCE_MODEL))
     calib, test, source = demo_data(dense, tokenizer)
     windows = min(eval_windows or test.numel(), test.numel() // EVAL_SEQLEN)
-    print(f"reference model: {_shown(REFERENCE_MODEL)}\ndata: {source}; calibration "
-          f"{calib.shape[0]} x {calib.shape[1]} tokens; ppl on {windows} windows of "
-          f"{EVAL_SEQLEN} tokens ({windows * EVAL_SEQLEN:,} of {test.numel():,} test tokens)")
+    print(
+        f"reference model: {_shown(REFERENCE_MODEL)}\ndata: {source}; calibration "
+        f"{calib.shape[0]} x {calib.shape[1]} tokens; ppl on {windows} windows of "
+        f"{EVAL_SEQLEN} tokens ({windows * EVAL_SEQLEN:,} of {test.numel():,} test tokens)"
+    )
 
     def score(model) -> float:
         return perplexity(model.to(device), test, EVAL_SEQLEN, EVAL_BATCH, max_windows=windows)
@@ -62,14 +72,22 @@ def run_demo(ratio: float = 0.2, out: str | None = None, device: str = "cpu",
     plan, report = prune_model(pruned, calib, "slimgpt", ratio, "log", device)
     pruned_ppl = score(pruned)
     print(report.summary())
-    rows = [("dense", dense_ppl, report.total_params_before, "-"),
-            (f"slimgpt {ratio:.0%}", pruned_ppl, report.total_params_after,
-             f"{report.wall_seconds:.1f} s")]
+    rows = [
+        ("dense", dense_ppl, report.total_params_before, "-"),
+        (
+            f"slimgpt {ratio:.0%}",
+            pruned_ppl,
+            report.total_params_after,
+            f"{report.wall_seconds:.1f} s",
+        ),
+    ]
     print(f"\n| model | ppl (seqlen {EVAL_SEQLEN}) | params | prune time |\n|---|---:|---:|---:|")
     for name, ppl, params, t in rows:
         print(f"| {name} | {ppl:.2f} | {params:,} | {t} |")
-    print(f"\nppl change: {pruned_ppl / dense_ppl - 1:+.1%}; decoder params removed "
-          f"{report.achieved_ratio:.1%}")
+    print(
+        f"\nppl change: {pruned_ppl / dense_ppl - 1:+.1%}; decoder params removed "
+        f"{report.achieved_ratio:.1%}"
+    )
     if out:
         save_pruned(pruned.to("cpu"), out, tokenizer=tokenizer, plan=plan)
         print(f"saved the pruned model to {out}")

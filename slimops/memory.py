@@ -1,6 +1,7 @@
 """Process memory on Linux, for per-run peaks: the kernel keeps the peak resident set size
 (VmHWM in /proc/self/status), and writing "5" to /proc/self/clear_refs resets it to the
 current RSS, so several prunes or benchmarks in one process each get their own peak."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -6,8 +6,10 @@ schemas are defined here and the kernels/*/reference.py oracles serve as the CPU
 so every caller works unchanged, only slower. Fake impls for tracing are registered here in
 both cases. Callers use the wrappers below, never torch.ops directly.
 """
+
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -25,7 +27,7 @@ SCHEMAS = {
     "obs_group_errors": "(Tensor W, Tensor Hinv, Tensor groups) -> Tensor",
     "obs_group_update": "(Tensor(a!) W, Tensor(b!) Hinv, Tensor idx) -> Tensor",
     "slice_gemm": "(Tensor X, Tensor W, Tensor? bias, Tensor? in_idx, Tensor? out_idx, "
-                  "int in_block) -> Tensor",
+    "int in_block) -> Tensor",
 }
 
 _EXT_ERROR = None
@@ -36,10 +38,18 @@ else:
         import slimops._C  # noqa: F401  (loads the library: schemas + C++ kernels)
     except ImportError as exc:  # not built, or built against another torch
         _EXT_ERROR = f"{type(exc).__name__}: {exc}"
+        # Said once, not silently slow: a plain `pip install .` builds no kernels (setup.py).
+        logging.getLogger("slimops").warning(
+            "slimops: the C++ extension slimops._C is not available (%s): the ops run their "
+            "PyTorch references (correct, slower). For the kernels: pip install torch first, "
+            "then pip install --no-build-isolation . (SLIMOPS_NO_EXT=1 silences this)",
+            _EXT_ERROR,
+        )
 
 
 # --- pure-Python fallback: the references, wrapped to the ops' exact contracts ----------
 # Each family's checks.py holds the one Python copy of its C++ kernel's checks and messages.
+
 
 def _hessian_accumulate_py(H, X, group_ids, scale):
     hessian_checks.check_inputs(H, X, group_ids)
@@ -48,16 +58,16 @@ def _hessian_accumulate_py(H, X, group_ids, scale):
 
 def _obs_group_errors_py(W, Hinv, groups):
     obs_checks.check_errors_inputs(W, Hinv, groups)
-    blocks = Hinv[groups.unsqueeze(-1), groups.unsqueeze(-2)]           # (B, s, s)
+    blocks = Hinv[groups.unsqueeze(-1), groups.unsqueeze(-2)]  # (B, s, s)
     L, info = obs_ref.block_cholesky(blocks)
-    err = obs_ref.group_errors(W[:, groups].permute(1, 0, 2), L)        # W_blocks (B, r, s)
+    err = obs_ref.group_errors(W[:, groups].permute(1, 0, 2), L)  # W_blocks (B, r, s)
     return err.masked_fill(info > 0, float("inf"))
 
 
 def _obs_group_update_py(W, Hinv, idx):
     obs_checks.check_update_inputs(W, Hinv, idx)
     _, info = torch.linalg.cholesky_ex(Hinv[idx][:, idx])
-    if idx.numel() > 0 and int(info) == 0:       # not PD: leave W and Hinv untouched
+    if idx.numel() > 0 and int(info) == 0:  # not PD: leave W and Hinv untouched
         obs_ref.group_update(W, Hinv, idx)
     return info.to(torch.int32)
 
@@ -67,8 +77,12 @@ def _slice_gemm_py(X, W, bias, in_idx, out_idx, in_block):
     return slice_ref.slice_gemm(X, W, bias, in_idx, out_idx, in_block)
 
 
-_PY_KERNELS = {"hessian_accumulate": _hessian_accumulate_py, "obs_group_errors": _obs_group_errors_py,
-               "obs_group_update": _obs_group_update_py, "slice_gemm": _slice_gemm_py}
+_PY_KERNELS = {
+    "hessian_accumulate": _hessian_accumulate_py,
+    "obs_group_errors": _obs_group_errors_py,
+    "obs_group_update": _obs_group_update_py,
+    "slice_gemm": _slice_gemm_py,
+}
 # Define what the extension did not (all of it without _C) and give every op a CPU kernel:
 # an op whose C++ kernel is not written yet runs its reference instead of failing.
 BACKENDS = ("cpu", "triton", "cuda")
@@ -88,13 +102,14 @@ def has_kernel(op: str, backend: str) -> bool:
 
 _LIB = torch.library.Library("slimops", "FRAGMENT")  # kept alive: dropping it unregisters
 for _name, _fn in _PY_KERNELS.items():
-    if not hasattr(torch.ops.slimops, _name):    # no extension: define the schema here
+    if not hasattr(torch.ops.slimops, _name):  # no extension: define the schema here
         _LIB.define(_name + SCHEMAS[_name])
     if not has_kernel(_name, "cpu"):
         _LIB.impl(_name, _fn, "CPU")
 
 
 # --- fake (meta) impls: shapes only, for torch.compile / FakeTensor tracing -------------
+
 
 @torch.library.register_fake("slimops::hessian_accumulate")
 def _(H, X, group_ids, scale):
@@ -122,12 +137,17 @@ def _(X, W, bias, in_idx, out_idx, in_block):
 # two GPU paths; which one is faster is a measurement (benchmarks/RESULTS.md). Until one is
 # recorded the CUDA-extension kernel is preferred when built, else Triton.
 # SLIMOPS_BACKEND=cpu|triton|cuda forces one (Triton runs on CPU under TRITON_INTERPRET=1).
-_TRITON_MODULES = {"hessian_accumulate": "hessian", "obs_group_errors": "obs",
-                   "obs_group_update": "obs", "slice_gemm": "slice_gemm"}
+_TRITON_MODULES = {
+    "hessian_accumulate": "hessian",
+    "obs_group_errors": "obs",
+    "obs_group_update": "obs",
+    "slice_gemm": "slice_gemm",
+}
 
 
 def _triton_kernel(op: str):
     import importlib
+
     module = importlib.import_module(f"slimops.kernels.{_TRITON_MODULES[op]}.triton")
     return getattr(module, op)
 
@@ -138,7 +158,9 @@ def backend_for(op: str, device: torch.device) -> str:
         if forced not in BACKENDS:
             raise ValueError(f"SLIMOPS_BACKEND={forced!r}: choose one of {', '.join(BACKENDS)}")
         if forced == "cuda" and not has_kernel(op, "cuda"):
-            raise RuntimeError(f"SLIMOPS_BACKEND=cuda but {op} has no CUDA kernel: {backends()['cuda']}")
+            raise RuntimeError(
+                f"SLIMOPS_BACKEND=cuda but {op} has no CUDA kernel: {backends()['cuda']}"
+            )
         if forced != "triton" and (forced == "cuda") != (device.type == "cuda"):
             raise RuntimeError(f"SLIMOPS_BACKEND={forced} cannot run {op} on {device} tensors")
         return forced
@@ -159,38 +181,67 @@ def _dispatch(op: str, device: torch.device, *args, check_indices: bool = True):
 
 # --- public API --------------------------------------------------------------------------
 
-def hessian_accumulate(H: torch.Tensor, X: torch.Tensor, group_ids: torch.Tensor | None = None,
-                       scale: float = 1.0, *, check_indices: bool = True) -> None:
+
+def hessian_accumulate(
+    H: torch.Tensor,
+    X: torch.Tensor,
+    group_ids: torch.Tensor | None = None,
+    scale: float = 1.0,
+    *,
+    check_indices: bool = True,
+) -> None:
     """In place: H[g] += scale * X_g^T X_g. H (G, d, d) fp32; X (..., d) fp32/bf16/fp16 (leading
     dims are flattened); group_ids (...,) int64 in [0, G), or None when G == 1."""
     X = X.reshape(-1, X.shape[-1])
     if group_ids is not None:
         group_ids = group_ids.reshape(-1)
-    _dispatch("hessian_accumulate", H.device, H, X, group_ids, float(scale), check_indices=check_indices)
+    _dispatch(
+        "hessian_accumulate", H.device, H, X, group_ids, float(scale), check_indices=check_indices
+    )
 
 
-def obs_group_errors(W: torch.Tensor, Hinv: torch.Tensor, groups: torch.Tensor, *,
-                     check_indices: bool = True) -> torch.Tensor:
+def obs_group_errors(
+    W: torch.Tensor, Hinv: torch.Tensor, groups: torch.Tensor, *, check_indices: bool = True
+) -> torch.Tensor:
     """OBS error of removing each group of columns: (B,) fp32, +inf where Hinv[S,S] is not PD.
     W (r, d) fp32, Hinv (d, d) fp32, groups (B, s) int64 column indices."""
     return _dispatch("obs_group_errors", W.device, W, Hinv, groups, check_indices=check_indices)
 
 
-def obs_group_update(W: torch.Tensor, Hinv: torch.Tensor, idx: torch.Tensor, *,
-                     check_indices: bool = True) -> int:
+def obs_group_update(
+    W: torch.Tensor, Hinv: torch.Tensor, idx: torch.Tensor, *, check_indices: bool = True
+) -> int:
     """Remove columns idx: OBS update of W and rank-s downdate of Hinv, in place. Returns 0 on
     success, > 0 when Hinv[idx, idx] is not PD (then W and Hinv are unchanged: refactorise)."""
-    return int(_dispatch("obs_group_update", W.device, W, Hinv, idx, check_indices=check_indices).item())
+    return int(
+        _dispatch("obs_group_update", W.device, W, Hinv, idx, check_indices=check_indices).item()
+    )
 
 
-def slice_gemm(X: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = None,
-               in_idx: torch.Tensor | None = None, out_idx: torch.Tensor | None = None,
-               in_block: int = 1, *, check_indices: bool = True) -> torch.Tensor:
+def slice_gemm(
+    X: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    in_idx: torch.Tensor | None = None,
+    out_idx: torch.Tensor | None = None,
+    in_block: int = 1,
+    *,
+    check_indices: bool = True,
+) -> torch.Tensor:
     """Y = X[:, I] @ W[J][:, I]^T (+ bias[J]), I = kept input blocks of width in_block (heads:
     head_dim; channels: 1), J = kept output rows (None keeps all); gathered in-kernel.
     check_indices=False (every op here takes it): indices already validated once per plan."""
-    return _dispatch("slice_gemm", X.device, X, W, bias, in_idx, out_idx, int(in_block),
-                     check_indices=check_indices)
+    return _dispatch(
+        "slice_gemm",
+        X.device,
+        X,
+        W,
+        bias,
+        in_idx,
+        out_idx,
+        int(in_block),
+        check_indices=check_indices,
+    )
 
 
 def backends() -> dict[str, str]:
@@ -203,7 +254,11 @@ def backends() -> dict[str, str]:
     if torch.version.cuda is None:
         cuda = "not available: torch has no CUDA"
     elif build != "cuda":
-        cuda = "not available: extension built without CUDA" if build else "not available: extension not built"
+        cuda = (
+            "not available: extension built without CUDA"
+            if build
+            else "not available: extension not built"
+        )
     else:
         cuda = "C++/CUDA extension slimops._C"
     return {"cpu": cpu, "triton": _triton_status(), "cuda": cuda}
@@ -214,6 +269,7 @@ def _triton_status() -> str:
     # status query must not freeze that before a caller sets TRITON_INTERPRET=1.
     import importlib.metadata
     import importlib.util
+
     if importlib.util.find_spec("triton") is None:
         return "not available: triton is not installed"
     version = importlib.metadata.version("triton")

@@ -3,6 +3,7 @@
 Every stage takes and returns plain objects, so the CLI, the demo, benchmarks and tests
 all call the same functions.
 """
+
 from __future__ import annotations
 
 import resource
@@ -11,13 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .loading import DTYPES, load_model, load_tokenizer, resolve_model_path  # noqa: F401 (API)
 from .evaluation import search_report
+from .loading import DTYPES, load_model, load_tokenizer, resolve_model_path  # noqa: F401 (API)
 from .memory import reset_peak_rss, status_kb
 from .methods import get_method, make_config
 from .models import get_adapter
 from .plan import PruningPlan
 from .slicing import apply_plan
+
 
 @dataclass
 class PruneReport:
@@ -42,29 +44,43 @@ class PruneReport:
 
     def table(self) -> str:
         rows = ["| layer | query heads | KV heads | FFN width |", "|---:|---:|---:|---:|"]
-        rows += [f"| {i} | {s['num_attention_heads']} | {s['num_key_value_heads']} | "
-                 f"{s['intermediate_size']} |" for i, s in enumerate(self.layer_shapes)]
+        rows += [
+            f"| {i} | {s['num_attention_heads']} | {s['num_key_value_heads']} | "
+            f"{s['intermediate_size']} |"
+            for i, s in enumerate(self.layer_shapes)
+        ]
         return "\n".join(rows)
 
     def summary(self) -> str:
-        return "\n".join([
-            self.table(), "",
-            f"decoder params: {self.decoder_params_before:,} -> {self.decoder_params_after:,} "
-            f"(removed {self.achieved_ratio:.2%}, target {self.target_ratio:.2%})",
-            f"whole model:    {self.total_params_before:,} -> {self.total_params_after:,} "
-            f"(removed {self.total_ratio:.2%}; embeddings and lm_head are not pruned)",
-            f"wall time {self.wall_seconds:.1f} s, peak memory {self.peak_memory_mb:.0f} MB",
-            *search_report.summary_lines(self.info)])
+        return "\n".join(
+            [
+                self.table(),
+                "",
+                f"decoder params: {self.decoder_params_before:,} -> {self.decoder_params_after:,} "
+                f"(removed {self.achieved_ratio:.2%}, target {self.target_ratio:.2%})",
+                f"whole model:    {self.total_params_before:,} -> {self.total_params_after:,} "
+                f"(removed {self.total_ratio:.2%}; embeddings and lm_head are not pruned)",
+                f"wall time {self.wall_seconds:.1f} s, peak memory {self.peak_memory_mb:.0f} MB",
+                *search_report.summary_lines(self.info),
+            ]
+        )
 
 
-def prune_model(model, tokens: torch.Tensor, method: str = "slimgpt", ratio: float = 0.2,
-                schedule=None, device: str = "cpu", **options) -> tuple[PruningPlan, PruneReport]:
+def prune_model(
+    model,
+    tokens: torch.Tensor,
+    method: str = "slimgpt",
+    ratio: float = 0.2,
+    schedule=None,
+    device: str = "cpu",
+    **options,
+) -> tuple[PruningPlan, PruneReport]:
     """Prune `model` in place to the method's plan and slice it; returns plan and report.
 
     method: a name in slimops.methods.METHODS. schedule=None is the method's default (log for
     slimgpt, its Incremental Pruning Ratio; uniform for the baselines; flap sets widths
     itself). options: the method config's fields (batch_size, percdamp, align, ...)."""
-    cfg = make_config(method, ratio, schedule, device, **options)   # bad options fail here
+    cfg = make_config(method, ratio, schedule, device, **options)  # bad options fail here
     adapter = get_adapter(model)
     before = (adapter.decoder_params(), adapter.total_params())
     _reset_peak_memory(device)
@@ -72,9 +88,18 @@ def prune_model(model, tokens: torch.Tensor, method: str = "slimgpt", ratio: flo
     plan = get_method(method).prune(model, tokens, cfg, adapter)
     apply_plan(model, plan)
     wall = time.perf_counter() - start
-    report = PruneReport(method, ratio, before[0], adapter.decoder_params(), before[1],
-                         adapter.total_params(), wall, _peak_memory_mb(device), plan.shapes(),
-                         plan.info)
+    report = PruneReport(
+        method,
+        ratio,
+        before[0],
+        adapter.decoder_params(),
+        before[1],
+        adapter.total_params(),
+        wall,
+        _peak_memory_mb(device),
+        plan.shapes(),
+        plan.info,
+    )
     return plan, report
 
 
@@ -84,7 +109,7 @@ def _reset_peak_memory(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        reset_peak_rss()      # where impossible the peak is the process's so far
+        reset_peak_rss()  # where impossible the peak is the process's so far
 
 
 def _peak_memory_mb(device) -> float:
@@ -93,4 +118,4 @@ def _peak_memory_mb(device) -> float:
     peak_kb = status_kb("VmHWM")
     if peak_kb is not None:
         return peak_kb / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

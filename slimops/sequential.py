@@ -10,13 +10,13 @@
 Only one decoder layer is on the compute device at a time, and the inputs of layer i are
 produced by the already-pruned layers 0..i-1 (SparseGPT / SlimGPT's sequential scheme).
 """
+
 from __future__ import annotations
 
-import copy
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -49,6 +49,7 @@ class _Catcher(nn.Module):
 class PhaseTimer:
     """Exclusive wall time per phase (forward, hessian, obs, ...): a phase nested inside
     another is subtracted from its parent, so the phases add up to the total."""
+
     seconds: dict = field(default_factory=dict)
     _children: list = field(default_factory=list)
 
@@ -87,7 +88,7 @@ def capture_inputs(adapter, tokens: torch.Tensor, batch_size: int, device) -> tu
     try:
         for start in range(0, tokens.shape[0], batch_size):
             try:
-                backbone(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
+                backbone(input_ids=tokens[start : start + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
@@ -118,27 +119,34 @@ class LayerWork:
     """What a method sees of one layer: the layer on the compute device, its calibration
     inputs, and helpers to accumulate Hessians of any of its Linear inputs."""
 
-    def __init__(self, index, layer, adapter, inputs, kwargs, device, timer,
-                 accumulate=ops.hessian_accumulate, dense_inputs=None):
+    def __init__(
+        self,
+        index,
+        layer,
+        adapter,
+        inputs,
+        kwargs,
+        device,
+        timer,
+        accumulate=ops.hessian_accumulate,
+    ):
         self.index, self.layer, self.adapter = index, layer, adapter
         self.inputs, self.kwargs, self.device, self.timer = inputs, kwargs, device, timer
         self.accumulate = accumulate
-        self.dropped = False        # set by a method that removes the whole layer
-        # With the dense model tracked (run_sequential(track_dense=True)): the DENSE model's
-        # inputs of this layer and an untouched copy of the layer, for dense targets.
-        self.dense_inputs = dense_inputs
-        self.dense_layer = copy.deepcopy(layer) if dense_inputs is not None else None
+        self.dropped = False  # set by a method that removes the whole layer
 
-    def forward(self, hidden: torch.Tensor, layer: nn.Module | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         kwargs = dict(self.kwargs)
-        out = (layer or self.layer)(hidden, *kwargs.pop("_args", ()), **kwargs)
+        out = self.layer(hidden, *kwargs.pop("_args", ()), **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
-    def observe_inputs(self, modules: dict[str, nn.Linear],
-                       on_input: Callable[[str, torch.Tensor], None]) -> None:
+    def observe_inputs(
+        self, modules: dict[str, nn.Linear], on_input: Callable[[str, torch.Tensor], None]
+    ) -> None:
         """Run the layer over every calibration input once, calling on_input(name, x) with
         the 2-D input x of each module (forward pre-hooks, removed afterwards)."""
+
         def hook(name):
             return lambda _module, args: on_input(name, args[0].reshape(-1, args[0].shape[-1]))
 
@@ -155,8 +163,10 @@ class LayerWork:
     def hessians(self, modules: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
         """H = mean over calibration tokens of x x^T for the input x of each module, fp32,
         accumulated with `self.accumulate` (ops.hessian_accumulate) in one pass."""
-        acc = {name: torch.zeros(1, m.in_features, m.in_features, device=self.device)
-               for name, m in modules.items()}
+        acc = {
+            name: torch.zeros(1, m.in_features, m.in_features, device=self.device)
+            for name, m in modules.items()
+        }
         rows = {name: 0 for name in modules}
 
         def add(name, x):
@@ -167,41 +177,18 @@ class LayerWork:
         self.observe_inputs(modules, add)
         return {name: acc[name][0] / max(rows[name], 1) for name in modules}
 
-    @torch.no_grad()
-    def paired_inputs(self, roles: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """role -> (H, G): H = E[x_p x_p^T] of the live (pruned) layer's module input on the
-        pruned model's inputs, G = E[x_d x_p^T] with x_d the same module's input in the DENSE
-        layer on the dense model's inputs, token by token (needs track_dense)."""
-        stats, rows = {}, 0
-        for hidden, dense in zip(self.inputs, self.dense_inputs):
-            seen = {"p": {}, "d": {}}
-            handles = []
-            for side, layer in (("p", self.layer), ("d", self.dense_layer)):
-                for role in roles:
-                    module = self.adapter.linear(layer, role)
-                    handles.append(module.register_forward_pre_hook(
-                        lambda _m, args, side=side, role=role: seen[side].__setitem__(
-                            role, args[0].reshape(-1, args[0].shape[-1]).float())))
-            try:
-                with self.timer("forward", self.device):
-                    self.forward(hidden)
-                    self.forward(dense, self.dense_layer)
-            finally:
-                for h in handles:
-                    h.remove()
-            for role in roles:
-                xp, xd = seen["p"][role], seen["d"][role]
-                H, G = stats.get(role, (0.0, 0.0))
-                stats[role] = (H + xp.T @ xp, G + xd.T @ xp)
-            rows += xp.shape[0]
-        return {role: (H / rows, G / rows) for role, (H, G) in stats.items()}
 
-
-def run_sequential(model, adapter, tokens: torch.Tensor, prune_layer: Callable[[LayerWork], None],
-                   device="cpu", batch_size: int = 8, desc: str = "pruning",
-                   accumulate=ops.hessian_accumulate, track_dense: bool = False) -> PhaseTimer:
-    """Drive `prune_layer` over every decoder layer, in order; returns the phase timings.
-    track_dense: also carry the DENSE model's hidden states (LayerWork.paired_inputs)."""
+def run_sequential(
+    model,
+    adapter,
+    tokens: torch.Tensor,
+    prune_layer: Callable[[LayerWork], None],
+    device="cpu",
+    batch_size: int = 8,
+    desc: str = "pruning",
+    accumulate=ops.hessian_accumulate,
+) -> PhaseTimer:
+    """Drive `prune_layer` over every decoder layer, in order; returns the phase timings."""
     device = torch.device(device)
     timer = PhaseTimer()
     use_cache = model.config.use_cache
@@ -209,18 +196,15 @@ def run_sequential(model, adapter, tokens: torch.Tensor, prune_layer: Callable[[
     try:
         with timer("forward", device):
             inputs, kwargs = capture_inputs(adapter, tokens, batch_size, device)
-        dense = list(inputs) if track_dense else None
         layers = adapter.layers()
         for i in tqdm(range(len(layers)), desc=desc, unit="layer"):
             home = _device_of(layers[i])
             layer = layers[i].to(device)
-            work = LayerWork(i, layer, adapter, inputs, kwargs, device, timer, accumulate, dense)
+            work = LayerWork(i, layer, adapter, inputs, kwargs, device, timer, accumulate)
             prune_layer(work)
-            with timer("forward", device), torch.no_grad():
-                if not work.dropped:      # a dropped layer passes its inputs on unchanged
+            if not work.dropped:  # a dropped layer passes its inputs on unchanged
+                with timer("forward", device), torch.no_grad():
                     inputs = [work.forward(h) for h in inputs]
-                if track_dense:
-                    dense = [work.forward(h, work.dense_layer) for h in dense]
             _check_finite(inputs, i)
             layers[i] = layer.to(home)
     finally:
@@ -241,4 +225,5 @@ def _check_finite(tensors: list[torch.Tensor], index: int) -> None:
         if not torch.isfinite(t).all():
             raise FloatingPointError(
                 f"non-finite activations after layer {index}: the model overflows in its dtype "
-                "on this calibration data; try --dtype fp32 or check the checkpoint")
+                "on this calibration data; try --dtype fp32 or check the checkpoint"
+            )

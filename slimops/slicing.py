@@ -3,6 +3,7 @@
 Only index_select on weights: the kept weights (already OBS-compensated by the method) are
 copied unchanged, so a sliced model computes exactly what the masked model computed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,16 +20,18 @@ def head_rows(heads: list[int], head_dim: int, device=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None,
-                 cols: torch.Tensor | None = None) -> nn.Linear:
+def slice_linear(
+    linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+) -> nn.Linear:
     """A new nn.Linear holding linear.weight[rows][:, cols] (and bias[rows])."""
     w = linear.weight
     if rows is not None:
         w = w.index_select(0, rows.to(w.device))
     if cols is not None:
         w = w.index_select(1, cols.to(w.device))
-    out = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None,
-                    device=w.device, dtype=w.dtype)
+    out = nn.Linear(
+        w.shape[1], w.shape[0], bias=linear.bias is not None, device=w.device, dtype=w.dtype
+    )
     out.weight.copy_(w)
     if linear.bias is not None:
         b = linear.bias if rows is None else linear.bias.index_select(0, rows.to(w.device))
@@ -42,9 +45,15 @@ def slice_layer(adapter, layer, lp: LayerPlan) -> None:
     hd = adapter.head_dim
     q_rows, kv_rows = head_rows(lp.kept_heads, hd), head_rows(lp.kept_kv_heads, hd)
     channels = torch.as_tensor(lp.kept_channels, dtype=torch.long)
-    for role, rows, cols in (("q", q_rows, None), ("k", kv_rows, None), ("v", kv_rows, None),
-                             ("o", None, q_rows), ("gate", channels, None),
-                             ("up", channels, None), ("down", None, channels)):
+    for role, rows, cols in (
+        ("q", q_rows, None),
+        ("k", kv_rows, None),
+        ("v", kv_rows, None),
+        ("o", None, q_rows),
+        ("gate", channels, None),
+        ("up", channels, None),
+        ("down", None, channels),
+    ):
         linear = adapter.linear(layer, role)
         if linear is not None:
             adapter.set_linear(layer, role, slice_linear(linear, rows=rows, cols=cols))
@@ -60,7 +69,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
         raise ValueError(f"plan has {len(plan.layers)} layers, model has {len(layers)}")
     if all(lp.drop_layer for lp in plan.layers):
         raise ValueError("a plan must keep at least one layer")
-    for layer, lp in zip(layers, plan.layers):   # check every layer before changing any
+    for layer, lp in zip(layers, plan.layers):  # check every layer before changing any
         if not lp.drop_layer:
             lp.validate(*adapter.layer_shape(layer))
     for layer, lp in zip(layers, plan.layers):
@@ -76,7 +85,7 @@ def drop_layers(model: nn.Module, adapter, indices: list[int]) -> None:
     if not indices:
         return
     layers = adapter.layers()
-    for i in sorted(indices, reverse=True):   # in place: the model keeps the same ModuleList
+    for i in sorted(indices, reverse=True):  # in place: the model keeps the same ModuleList
         del layers[i]
     kept = list(layers)
     config = model.config

@@ -12,6 +12,7 @@ first (a (T, d_in) write, small against the GEMM), and the op reads only the kep
 A `replace` weight stands in for o/down's kept columns (compensated weights: search's fitness
 with reformation), used as a plain compact matmul.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -29,9 +30,14 @@ from .slicing import head_rows
 class SliceLinear(nn.Module):
     """y = x[:, I] @ W[J][:, I]^T (+ b[J]) of a dense nn.Linear, through ops.slice_gemm."""
 
-    def __init__(self, dense: nn.Linear, in_idx: torch.Tensor | None = None,
-                 out_idx: torch.Tensor | None = None, in_block: int = 1,
-                 replace: torch.Tensor | None = None):
+    def __init__(
+        self,
+        dense: nn.Linear,
+        in_idx: torch.Tensor | None = None,
+        out_idx: torch.Tensor | None = None,
+        in_block: int = 1,
+        replace: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.dense, self.in_block, self.replace = dense, in_block, replace
         device = dense.weight.device
@@ -45,15 +51,22 @@ class SliceLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-        if self.replace is not None:        # compensated kept columns: compact matmul
+        if self.replace is not None:  # compensated kept columns: compact matmul
             y = F.linear(x2, self.replace.to(x2.dtype), self._bias())
             return y.reshape(*lead, -1)
         if self.cols is not None and x2.shape[1] != self.dense.in_features:
             full = x2.new_zeros(x2.shape[0], self.dense.in_features)
-            full[:, self.cols] = x2          # compact kept activations -> full input width
+            full[:, self.cols] = x2  # compact kept activations -> full input width
             x2 = full
-        y = ops.slice_gemm(x2, self.dense.weight, self.dense.bias, self.in_idx, self.out_idx,
-                           self.in_block, check_indices=False)
+        y = ops.slice_gemm(
+            x2,
+            self.dense.weight,
+            self.dense.bias,
+            self.in_idx,
+            self.out_idx,
+            self.in_block,
+            check_indices=False,
+        )
         return y.reshape(*lead, -1)
 
     def _bias(self):
@@ -70,12 +83,20 @@ def layer_views(adapter, layer, lp: LayerPlan, replace: dict | None = None) -> d
     heads = torch.as_tensor(lp.kept_heads, dtype=torch.long, device=device)
     channels = torch.as_tensor(lp.kept_channels, dtype=torch.long, device=device)
     replace = replace or {}
-    specs = {"q": dict(out_idx=q_rows), "k": dict(out_idx=kv_rows), "v": dict(out_idx=kv_rows),
-             "o": dict(in_idx=heads, in_block=hd, replace=replace.get("o")),
-             "gate": dict(out_idx=channels), "up": dict(out_idx=channels),
-             "down": dict(in_idx=channels, in_block=1, replace=replace.get("down"))}
-    return {role: SliceLinear(adapter.linear(layer, role), **kw)
-            for role, kw in specs.items() if adapter.linear(layer, role) is not None}
+    specs = {
+        "q": dict(out_idx=q_rows),
+        "k": dict(out_idx=kv_rows),
+        "v": dict(out_idx=kv_rows),
+        "o": dict(in_idx=heads, in_block=hd, replace=replace.get("o")),
+        "gate": dict(out_idx=channels),
+        "up": dict(out_idx=channels),
+        "down": dict(in_idx=channels, in_block=1, replace=replace.get("down")),
+    }
+    return {
+        role: SliceLinear(adapter.linear(layer, role), **kw)
+        for role, kw in specs.items()
+        if adapter.linear(layer, role) is not None
+    }
 
 
 @contextmanager

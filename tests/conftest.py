@@ -1,12 +1,13 @@
 """Test setup (offline hub, the Triton interpreter without a GPU) and shared fixtures.
 Plain helpers live in helpers.py."""
+
 import os
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if not torch.cuda.is_available():   # before any test imports triton: it reads this once
+if not torch.cuda.is_available():  # before any test imports triton: it reads this once
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from helpers import FAMILIES, make_tiny_model, make_tiny_tokenizer  # noqa: E402

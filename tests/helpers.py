@@ -1,6 +1,7 @@
 """What the tests share: tiny offline models and tokenizers, plans, numeric asserts, device
 markers and the per-op bad-input contracts. Fixtures live in conftest.py; tests import
 plain helpers from here (`from helpers import ...`), never from another test file."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,20 +20,23 @@ from slimops.plan import LayerPlan, PruningPlan
 # --- devices -------------------------------------------------------------------------------
 
 HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"      # where the Triton tests run (interpreter on CPU)
+DEVICE = "cuda" if HAS_CUDA else "cpu"  # where the Triton tests run (interpreter on CPU)
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
 # the C++ kernels' own promises (exact symmetry, IEEE products); the Python fallback is the
 # plain reference and makes neither
-needs_cpp_ext = pytest.mark.skipif(not ops.backends()["cpu"].startswith("C++"),
-                                   reason="needs the C++ extension slimops._C")
+needs_cpp_ext = pytest.mark.skipif(
+    not ops.backends()["cpu"].startswith("C++"), reason="needs the C++ extension slimops._C"
+)
 
 
 def needs_cuda_op(op: str):
     """Skip unless a GPU is present and the C++ extension serves `op` on CUDA."""
-    return pytest.mark.skipif(not (HAS_CUDA and ops.has_kernel(op, "cuda")),
-                              reason=f"needs a CUDA GPU and a CUDA kernel for slimops::{op}")
+    return pytest.mark.skipif(
+        not (HAS_CUDA and ops.has_kernel(op, "cuda")),
+        reason=f"needs a CUDA GPU and a CUDA kernel for slimops::{op}",
+    )
 
 
 def triton_kernels(family: str):
@@ -58,9 +62,12 @@ def load_benchmark(name: str):
 
 # --- numerics --------------------------------------------------------------------------------
 
+
 def assert_rel_close(actual, expected, tol, what=""):
     """max |actual - expected| <= tol * max |expected| (kernels vs float64 maths)."""
-    assert actual.shape == expected.shape, f"{what} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{what} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     actual, expected = actual.double(), expected.double()
     err = ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
     assert err <= tol, f"{what} relative error {err:.2e} > {tol:.0e}"
@@ -85,16 +92,26 @@ FAMILIES = {
 }
 
 
-def make_tiny_model(family: str = "llama", layers: int = 3, seed: int = 0, perturb: bool = False,
-                    **overrides):
+def make_tiny_model(
+    family: str = "llama", layers: int = 3, seed: int = 0, perturb: bool = False, **overrides
+):
     """A tiny random model of `family`: hidden 64, head_dim 16, 4 query / 2 KV heads, FFN 160,
     vocab 256, untied lm_head. perturb=True adds noise to biases and norms, which HF's init
     leaves trivial (zeros / ones), so tests that compare masked and sliced models see them."""
     import transformers
+
     cfg_name, model_name, extra = FAMILIES[family]
-    kwargs = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  max_position_embeddings=256, tie_word_embeddings=False)
+    kwargs = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     kwargs.update(extra)
     kwargs.update(overrides)
     torch.manual_seed(seed)
@@ -111,9 +128,16 @@ def make_tiny_bert(cls: str = "BertModel", seed: int = 0):
     """Tiny random BERT (hidden 64, 4 heads, FFN 96, 2 layers, vocab 128) whose layers
     matter: larger init than HF's 0.02 and random biases / LayerNorm affines."""
     import transformers
-    config = transformers.BertConfig(vocab_size=128, hidden_size=64, num_attention_heads=4,
-                                     num_hidden_layers=2, intermediate_size=96,
-                                     max_position_embeddings=64, initializer_range=0.1)
+
+    config = transformers.BertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+    )
     torch.manual_seed(seed)
     model = getattr(transformers, cls)(config).eval()
     with torch.no_grad():
@@ -126,21 +150,30 @@ def make_tiny_bert(cls: str = "BertModel", seed: int = 0):
 SAMPLE_TEXT = (
     "The quick brown fox jumps over the lazy dog. Python is a programming language that lets "
     "you work quickly and integrate systems more effectively. A list is a mutable sequence; "
-    "a tuple is an immutable one. Dictionaries map keys to values. " * 8)
+    "a tuple is an immutable one. Dictionaries map keys to values. " * 8
+)
 
 
 def make_tiny_tokenizer(vocab_size: int = 256):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([SAMPLE_TEXT] * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
 
 
 def input_ids(seed: int = 0, length: int = 12, vocab: int = 128) -> torch.Tensor:
@@ -156,6 +189,7 @@ def random_gqa_plan(model, seed: int = 0) -> PruningPlan:
     """Valid GQA plan: layer 0 drops a whole KV group, layer 1 drops one query head from
     every group (MHA: one head), the rest keep all heads; random FFN channels everywhere."""
     from slimops.models import get_adapter
+
     rng = random.Random(seed)
     a = get_adapter(model)
     nh, nkv, ffn = a.num_heads, a.num_kv_heads, a.intermediate_size
@@ -167,7 +201,9 @@ def random_gqa_plan(model, seed: int = 0) -> PruningPlan:
             kv.remove(rng.randrange(nkv))
             heads = [h for h in range(nh) if h // rep in kv]
         elif i == 1:
-            heads = sorted(h for g in kv for h in rng.sample(range(g * rep, (g + 1) * rep), rep - 1))
+            heads = sorted(
+                h for g in kv for h in rng.sample(range(g * rep, (g + 1) * rep), rep - 1)
+            )
         else:
             heads = list(range(nh))
         channels = sorted(rng.sample(range(ffn), rng.randrange(ffn // 4, ffn)))
@@ -201,6 +237,7 @@ OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 # Each `make(dev)` builds its tensors ON `dev`: moving a strided view to another device makes
 # a contiguous copy, so a "must be contiguous" case built on the CPU never fires on a GPU.
 
+
 def _on(dev, *tensors):
     return tuple(None if t is None else t.to(dev) for t in tensors)
 
@@ -213,37 +250,92 @@ def raised(fn, *args) -> str:
 
 
 HESSIAN_BAD_INPUTS = [
-    (lambda dev: _on(dev, torch.zeros(1, 4, 4, dtype=torch.float64), torch.randn(3, 4), None), "H must be float32"),
-    (lambda dev: _on(dev, torch.zeros(4, 4), torch.randn(3, 4), None), r"H must have shape \(G, d, d\)"),
-    (lambda dev: _on(dev, torch.zeros(1, 4, 4), torch.randn(3, 5), None), "X has width 5 but H is 4 x 4"),
-    (lambda dev: _on(dev, torch.zeros(1, 4, 4), torch.ones(3, 4, dtype=torch.int32), None),
-     "X must be float32, bfloat16"),
+    (
+        lambda dev: _on(dev, torch.zeros(1, 4, 4, dtype=torch.float64), torch.randn(3, 4), None),
+        "H must be float32",
+    ),
+    (
+        lambda dev: _on(dev, torch.zeros(4, 4), torch.randn(3, 4), None),
+        r"H must have shape \(G, d, d\)",
+    ),
+    (
+        lambda dev: _on(dev, torch.zeros(1, 4, 4), torch.randn(3, 5), None),
+        "X has width 5 but H is 4 x 4",
+    ),
+    (
+        lambda dev: _on(dev, torch.zeros(1, 4, 4), torch.ones(3, 4, dtype=torch.int32), None),
+        "X must be float32, bfloat16",
+    ),
     (lambda dev: _on(dev, torch.zeros(3, 4, 4), torch.randn(3, 4), None), "group_ids is None"),
-    (lambda dev: _on(dev, torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 3, 1])),
-     r"must lie in \[0, G=3\)"),
-    (lambda dev: _on(dev, torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, -1, 1])),
-     r"must lie in \[0, G=3\)"),
-    (lambda dev: _on(dev, torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 1])),
-     r"group_ids must have shape \(T,\)"),
-    (lambda dev: _on(dev, torch.zeros(2, 4, 4), torch.randn(3, 4), torch.tensor([0., 1., 1.])),
-     "group_ids must be int64"),
-    (lambda dev: (torch.zeros(1, 4, 8, device=dev)[:, :, ::2], torch.randn(3, 4, device=dev), None),
-     "H must be contiguous"),
+    (
+        lambda dev: _on(dev, torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 3, 1])),
+        r"must lie in \[0, G=3\)",
+    ),
+    (
+        lambda dev: _on(dev, torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, -1, 1])),
+        r"must lie in \[0, G=3\)",
+    ),
+    (
+        lambda dev: _on(dev, torch.zeros(3, 4, 4), torch.randn(3, 4), torch.tensor([0, 1])),
+        r"group_ids must have shape \(T,\)",
+    ),
+    (
+        lambda dev: _on(
+            dev, torch.zeros(2, 4, 4), torch.randn(3, 4), torch.tensor([0.0, 1.0, 1.0])
+        ),
+        "group_ids must be int64",
+    ),
+    (
+        lambda dev: (
+            torch.zeros(1, 4, 8, device=dev)[:, :, ::2],
+            torch.randn(3, 4, device=dev),
+            None,
+        ),
+        "H must be contiguous",
+    ),
 ]
 
 OBS_BAD_INPUTS = [
-    ("obs_group_errors", lambda dev: _on(dev, torch.randn(3, 5), torch.eye(4), torch.zeros(1, 2, dtype=torch.long)),
-     "Hinv"),
-    ("obs_group_errors", lambda dev: _on(dev, torch.randn(3, 4).double(), torch.eye(4).double(),
-                                         torch.zeros(1, 2, dtype=torch.long)), "must be float32"),
-    ("obs_group_errors", lambda dev: _on(dev, torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 4]])),
-     r"lie in \[0, d=4\)"),
-    ("obs_group_errors", lambda dev: _on(dev, torch.randn(3, 4), torch.eye(4), torch.tensor([0, 1])),
-     r"shape \(B, s\)"),
-    ("obs_group_update", lambda dev: _on(dev, torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 1]])), "1-D"),
-    ("obs_group_update", lambda dev: _on(dev, torch.randn(3, 4), torch.eye(4), torch.tensor([0., 1.])), "int64"),
-    ("obs_group_update", lambda dev: _on(dev, torch.randn(3, 4), torch.eye(4), torch.tensor([-1])),
-     r"lie in \[0, d=4\)"),
+    (
+        "obs_group_errors",
+        lambda dev: _on(dev, torch.randn(3, 5), torch.eye(4), torch.zeros(1, 2, dtype=torch.long)),
+        "Hinv",
+    ),
+    (
+        "obs_group_errors",
+        lambda dev: _on(
+            dev,
+            torch.randn(3, 4).double(),
+            torch.eye(4).double(),
+            torch.zeros(1, 2, dtype=torch.long),
+        ),
+        "must be float32",
+    ),
+    (
+        "obs_group_errors",
+        lambda dev: _on(dev, torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 4]])),
+        r"lie in \[0, d=4\)",
+    ),
+    (
+        "obs_group_errors",
+        lambda dev: _on(dev, torch.randn(3, 4), torch.eye(4), torch.tensor([0, 1])),
+        r"shape \(B, s\)",
+    ),
+    (
+        "obs_group_update",
+        lambda dev: _on(dev, torch.randn(3, 4), torch.eye(4), torch.tensor([[0, 1]])),
+        "1-D",
+    ),
+    (
+        "obs_group_update",
+        lambda dev: _on(dev, torch.randn(3, 4), torch.eye(4), torch.tensor([0.0, 1.0])),
+        "int64",
+    ),
+    (
+        "obs_group_update",
+        lambda dev: _on(dev, torch.randn(3, 4), torch.eye(4), torch.tensor([-1])),
+        r"lie in \[0, d=4\)",
+    ),
 ]
 
 
@@ -260,7 +352,9 @@ def errors_fp64(W, Hinv, groups):
     """What obs_group_errors must return, by brute force: tr(W_S inv(Hinv_SS) W_S^T) with an
     explicit inverse, in float64."""
     W, Hinv = W.double(), Hinv.double()
-    return torch.stack([torch.trace(W[:, S] @ torch.linalg.inv(Hinv[S][:, S]) @ W[:, S].T) for S in groups])
+    return torch.stack(
+        [torch.trace(W[:, S] @ torch.linalg.inv(Hinv[S][:, S]) @ W[:, S].T) for S in groups]
+    )
 
 
 @contextlib.contextmanager

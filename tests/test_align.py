@@ -1,4 +1,5 @@
 """--align N: FFN widths multiples of N, whole KV groups, ratio contract, fast == reference."""
+
 import copy
 
 import pytest
@@ -6,14 +7,22 @@ import torch
 
 from helpers import make_tiny_model
 from slimops.methods import slimgpt
-from slimops.methods.align import (aligned_removal, check_align, default_align, fit_ratios,
-                                   kept_widths)
+from slimops.methods.align import (
+    aligned_removal,
+    check_align,
+    default_align,
+    fit_ratios,
+    kept_widths,
+)
 from slimops.models import get_adapter
 from slimops.pipeline import prune_model
 
-SHAPES = {"tiny": {},                                  # 4 q / 2 kv heads, FFN 160
-          "wide": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=128,
-                       intermediate_size=340)}         # FFN not a multiple of 8
+SHAPES = {
+    "tiny": {},  # 4 q / 2 kv heads, FFN 160
+    "wide": dict(
+        num_attention_heads=8, num_key_value_heads=2, hidden_size=128, intermediate_size=340
+    ),
+}  # FFN not a multiple of 8
 
 
 def calib(n=16, seqlen=32, vocab=256, seed=0):
@@ -43,7 +52,7 @@ def test_aligned_shapes_and_ratio_contract(shape, schedule, ratio):
     err = abs(report.achieved_ratio - ratio)
     assert err <= 0.01, report.summary()
     assert err <= plan.info["align_error_bound"] + 1e-9, report.summary()
-    for layer, s in zip(adapter.layers(), plan.shapes()):          # sliced to the plan
+    for layer, s in zip(adapter.layers(), plan.shapes()):  # sliced to the plan
         assert adapter.layer_shape(layer) == tuple(s.values())
     assert torch.isfinite(model(calib(2)).logits).all()
 
@@ -53,8 +62,7 @@ def test_aligned_fast_path_matches_reference(family):
     tokens = calib()
     fast, ref = copy.deepcopy(model), copy.deepcopy(model)
     plan_f = slimgpt.prune(fast, tokens, slimgpt.SlimGPTConfig(ratio=0.35, align=8))
-    plan_r = slimgpt.prune(ref, tokens, slimgpt.SlimGPTConfig(ratio=0.35, align=8,
-                                                               reference=True))
+    plan_r = slimgpt.prune(ref, tokens, slimgpt.SlimGPTConfig(ratio=0.35, align=8, reference=True))
     assert plan_f.layers == plan_r.layers
     for (name, a), b in zip(fast.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-3, msg=name)
@@ -70,12 +78,11 @@ def test_ffn_only_alignment(ratio):
     ref = copy.deepcopy(model)
     opts = dict(align=8, whole_kv_groups=False)
     plan, report = prune_model(model, calib(), "slimgpt", ratio, "log", **opts)
-    plan_r = slimgpt.prune(ref, calib(), slimgpt.SlimGPTConfig(ratio=ratio, reference=True,
-                                                               **opts))
+    plan_r = slimgpt.prune(ref, calib(), slimgpt.SlimGPTConfig(ratio=ratio, reference=True, **opts))
     assert plan.layers == plan_r.layers
     per_group = set()
     for lp in plan.layers:
-        lp.validate(8, 2, 340)                                   # valid GQA
+        lp.validate(8, 2, 340)  # valid GQA
         assert len(lp.kept_channels) % 8 == 0 or len(lp.kept_channels) == 340
         per_group.add(len(lp.kept_heads) // len(lp.kept_kv_heads))
     assert per_group - {4}, "expected some layer to keep partial KV groups"
@@ -89,8 +96,14 @@ def test_align_none_and_one_are_unaligned(schedule):
     runs = []
     for align in (None, 1):
         m = copy.deepcopy(model)
-        runs.append((slimgpt.prune(m, calib(), slimgpt.SlimGPTConfig(
-            ratio=0.3, schedule=schedule, align=align)), m))
+        runs.append(
+            (
+                slimgpt.prune(
+                    m, calib(), slimgpt.SlimGPTConfig(ratio=0.3, schedule=schedule, align=align)
+                ),
+                m,
+            )
+        )
     (plan_a, a), (plan_b, b) = runs
     assert plan_a.layers == plan_b.layers and "align" not in plan_a.info
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
@@ -113,22 +126,23 @@ def test_ratio_beyond_aligned_capacity_fails_before_work():
     model = make_tiny_model("llama")
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="at most 5.*%.*--align"):
-        slimgpt.prune(model, calib(), slimgpt.SlimGPTConfig(ratio=0.6, schedule="uniform",
-                                                            align=64))
+        slimgpt.prune(
+            model, calib(), slimgpt.SlimGPTConfig(ratio=0.6, schedule="uniform", align=64)
+        )
     for name, t in model.state_dict().items():
         assert torch.equal(t, before[name]), name
 
 
 def test_aligned_removal_rounds_to_nearest_allowed_width():
-    assert aligned_removal(160, 37.0, 8) == 40             # keep 123 -> 120
-    assert aligned_removal(160, 35.0, 8) == 32             # keep 125 -> 128
-    assert aligned_removal(160, 36.0, 8) == 32             # tie 124: keep more
+    assert aligned_removal(160, 37.0, 8) == 40  # keep 123 -> 120
+    assert aligned_removal(160, 35.0, 8) == 32  # keep 125 -> 128
+    assert aligned_removal(160, 36.0, 8) == 32  # tie 124: keep more
     assert aligned_removal(160, 2.0, 8) == 0
-    assert aligned_removal(160, 500.0, 8) == 152           # never below N
-    assert aligned_removal(160, -30.0, 8) == 0             # owed params: keep all
-    assert aligned_removal(340, 1.0, 8) == 0               # dense width stays allowed
-    assert aligned_removal(340, 3.0, 8) == 4               # 337 -> 336
-    assert aligned_removal(40, 10.0, 64) == 0              # FFN narrower than N: whole
+    assert aligned_removal(160, 500.0, 8) == 152  # never below N
+    assert aligned_removal(160, -30.0, 8) == 0  # owed params: keep all
+    assert aligned_removal(340, 1.0, 8) == 0  # dense width stays allowed
+    assert aligned_removal(340, 3.0, 8) == 4  # 337 -> 336
+    assert aligned_removal(40, 10.0, 64) == 0  # FFN narrower than N: whole
     assert kept_widths(20, 8) == [8, 16, 20]
 
 

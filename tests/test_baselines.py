@@ -1,6 +1,7 @@
 """Baselines (magnitude, wanda-sp, flap, taylor): ratio contract, GQA validity, scores vs
 float64 hand computations of the papers' formulas, FLAP's adaptive widths and bias
 compensation, sliced == masked, pipeline dispatch and checkpoint round trip."""
+
 import copy
 
 import pytest
@@ -27,7 +28,7 @@ def calib(n=8, seqlen=32, seed=0):
 @pytest.mark.parametrize("method", BASELINES)
 def test_ratio_contract_and_gqa(method, ratio, family):
     model = make_tiny_model(family)
-    plan, report = prune_model(model, calib(), method, ratio)      # apply_plan validates GQA
+    plan, report = prune_model(model, calib(), method, ratio)  # apply_plan validates GQA
     assert abs(report.achieved_ratio - ratio) <= 0.01, report.summary()
     assert plan.method == method and plan.target_ratio == ratio
     adapter = get_adapter(model)
@@ -53,9 +54,10 @@ def test_bad_method_and_align_are_clear_errors():
     assert set(BASELINES) < set(METHODS)
     with pytest.raises(ValueError, match="--align is implemented for slimgpt and search only"):
         prune_model(make_tiny_model(), calib(), "flap", 0.2, align=64)
-    prune_model(make_tiny_model(), calib(), "flap", 0.2, align=1)    # 1 is "off"
-    prune_model(make_tiny_model(), calib(), "magnitude", 0.2, batch_size=4, percdamp=0.01,
-                align=None)
+    prune_model(make_tiny_model(), calib(), "flap", 0.2, align=1)  # 1 is "off"
+    prune_model(
+        make_tiny_model(), calib(), "magnitude", 0.2, batch_size=4, percdamp=0.01, align=None
+    )
 
 
 # ---- the shared GQA selector -------------------------------------------------------------
@@ -64,7 +66,7 @@ COSTS = {"head": 2, "kv_head": 2, "channel": 1}
 
 
 def scores(heads, kv=(0.0, 0.0), channels=(1.0, 2.0, 3.0)):
-    t = lambda x: torch.tensor(x, dtype=torch.float64)   # noqa: E731
+    t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
     return UnitScores(t(heads), t(kv), t(channels))
 
 
@@ -85,6 +87,7 @@ def test_selector_never_empties_a_layer():
 
 # ---- scores vs float64 hand computations (one layer) -------------------------------------
 
+
 def one_layer_fp64(family="qwen2"):
     return make_tiny_model(family, layers=1).double()
 
@@ -92,8 +95,10 @@ def one_layer_fp64(family="qwen2"):
 def dense_inputs(model, tokens):
     """(o_proj input, down_proj input) of layer 0 over all tokens, [T, features]."""
     layer, seen = model.model.layers[0], {}
-    hooks = [m.register_forward_pre_hook(lambda m, a, k=k: seen.setdefault(k, []).append(a[0]))
-             for k, m in (("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj))]
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a, k=k: seen.setdefault(k, []).append(a[0]))
+        for k, m in (("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj))
+    ]
     with torch.no_grad():
         model(tokens)
     for h in hooks:
@@ -107,8 +112,12 @@ def method_column_scores(model, tokens, columns):
     def collect(work):
         o, down = adapter.o_proj(work.layer), adapter.down_proj(work.layer)
         st = common.input_stats(work, {"o": o, "down": down})
-        out.append(common.column_scores(adapter, work.layer, columns(o.weight, st["o"]),
-                                           columns(down.weight, st["down"])))
+        out.append(
+            common.column_scores(
+                adapter, work.layer, columns(o.weight, st["o"]), columns(down.weight, st["down"])
+            )
+        )
+
     run_sequential(model, adapter, tokens, collect, batch_size=3)
     return out[0]
 
@@ -119,10 +128,10 @@ def test_column_scores_match_paper_formula(metric):
     layer = model.model.layers[0]
     Xo, Xd = dense_inputs(model, tokens)
     Wo, Wd = layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight
-    if metric == "wanda-sp":     # S_j = sum_i |W_ij| ||X_j||_2
+    if metric == "wanda-sp":  # S_j = sum_i |W_ij| ||X_j||_2
         ref = [W.abs().sum(0) * X.norm(dim=0) for W, X in ((Wo, Xo), (Wd, Xd))]
         got = method_column_scores(model, tokens, wanda_sp.wanda_columns)
-    else:                        # FLAP eq. 5: S_j = Var(X_j) ||W_:,j||^2
+    else:  # FLAP eq. 5: S_j = Var(X_j) ||W_:,j||^2
         ref = [X.var(0) * W.pow(2).sum(0) for W, X in ((Wo, Xo), (Wd, Xd))]
         got = method_column_scores(model, tokens, flap.fluctuation_columns)
     torch.testing.assert_close(got.heads, ref[0].detach().view(4, 16).sum(1))
@@ -135,11 +144,14 @@ def test_taylor_scores_match_first_order_formula():
     layer = model.model.layers[0]
     a, m = layer.self_attn, layer.mlp
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
-    W = [getattr(a, n).weight for n in names] + [m.gate_proj.weight, m.up_proj.weight,
-                                                  m.down_proj.weight]
-    loss = model(tokens, labels=tokens).loss          # one batch: LLM-Pruner's loss
-    I = [(w * g).abs().detach() for w, g in zip(W, torch.autograd.grad(loss, W))]   # eq. 4
-    q, k, v, o, gate, up, down = I
+    W = [getattr(a, n).weight for n in names] + [
+        m.gate_proj.weight,
+        m.up_proj.weight,
+        m.down_proj.weight,
+    ]
+    loss = model(tokens, labels=tokens).loss  # one batch: LLM-Pruner's loss
+    imp = [(w * g).abs().detach() for w, g in zip(W, torch.autograd.grad(loss, W))]  # eq. 4
+    q, k, v, o, gate, up, down = imp
     got = taylor.taylor_scores(model, tokens, get_adapter(model), batch_size=3)[0]
     torch.testing.assert_close(got.heads, q.view(4, -1).sum(1) + o.view(-1, 4, 16).sum((0, 2)))
     torch.testing.assert_close(got.kv, k.view(2, -1).sum(1) + v.view(2, -1).sum(1))
@@ -152,12 +164,18 @@ def test_magnitude_scores_are_owned_weight_norms():
     layer, adapter = model.model.layers[0], get_adapter(model)
     a = layer.self_attn
     got = common.owned_scores(adapter, layer, lambda lin: lin.weight.detach() ** 2)
-    want = torch.stack([a.q_proj.weight[h * 16:(h + 1) * 16].norm() ** 2 +
-                        a.o_proj.weight[:, h * 16:(h + 1) * 16].norm() ** 2 for h in range(4)])
+    want = torch.stack(
+        [
+            a.q_proj.weight[h * 16 : (h + 1) * 16].norm() ** 2
+            + a.o_proj.weight[:, h * 16 : (h + 1) * 16].norm() ** 2
+            for h in range(4)
+        ]
+    )
     torch.testing.assert_close(got.heads, want.double().detach())
 
 
 # ---- FLAP ------------------------------------------------------------------------------
+
 
 def offset_model(layers=2):
     """qwen2 whose o_proj / down_proj inputs have a clear mean (v bias, up ~ gate), which
@@ -196,18 +214,20 @@ def test_flap_bias_compensation_brings_outputs_closer_to_dense():
 
 def test_flap_widths_adapt_to_the_layers():
     model = make_tiny_model("llama", layers=3)
-    with torch.no_grad():     # layer 1: a few dominant FFN channels, the rest alike
+    with torch.no_grad():  # layer 1: a few dominant FFN channels, the rest alike
         model.model.layers[1].mlp.down_proj.weight[:, :8] *= 20
     plan = flap.prune(model, calib(), FlapConfig(ratio=0.3))
     widths = [lp.shape()["intermediate_size"] for lp in plan.layers]
     assert widths[1] != widths[0] and widths[1] != widths[2], widths
-    assert plan.info["threshold"] == plan.info["threshold"]          # recorded, finite
+    assert plan.info["threshold"] == plan.info["threshold"]  # recorded, finite
     assert len(set(map(str, plan.shapes()))) > 1
 
 
 def test_flap_global_threshold_counts_hand_example():
-    s = [scores([-0.78, -0.78, 0.26, 1.31], channels=[-1.16, -0.39, 0.39, 1.16]),
-         scores([0.0, 0.0, 0.0, 0.0], channels=[-0.5, -0.5, -0.5, 1.5])]
+    s = [
+        scores([-0.78, -0.78, 0.26, 1.31], channels=[-1.16, -0.39, 0.39, 1.16]),
+        scores([0.0, 0.0, 0.0, 0.0], channels=[-0.5, -0.5, -0.5, 1.5]),
+    ]
     # z-scores as given. Costs: head 2 + 2/2, channel 1.
     # Ascending: L0 ch (1), L0 h, L0 h (3 each), L1 ch x3 (1 each): cumsum 1 4 7 8 9 10
     threshold, counts = flap.global_threshold(s, [COSTS, COSTS], [2, 2], target=10)
@@ -225,12 +245,14 @@ def test_flap_standardises_columns_then_averages_heads():
     o_cols, down_cols = torch.rand(64, dtype=torch.float64), torch.rand(160, dtype=torch.float64)
     got = flap.standardized_units(adapter, layer, o_cols, down_cols)
     z = (o_cols - o_cols.mean()) / o_cols.std()
-    torch.testing.assert_close(got.heads, torch.stack([z[h * 16:(h + 1) * 16].mean()
-                                                       for h in range(4)]))
+    torch.testing.assert_close(
+        got.heads, torch.stack([z[h * 16 : (h + 1) * 16].mean() for h in range(4)])
+    )
     torch.testing.assert_close(got.channels, (down_cols - down_cols.mean()) / down_cols.std())
 
 
 # ---- slicing and checkpoints ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", BASELINES)
 def test_sliced_equals_masked(method):
@@ -242,7 +264,7 @@ def test_sliced_equals_masked(method):
         for layer, lp in zip(adapter.layers(), plan.layers):
             mask_layer(adapter, layer, lp)
     masked = model(tokens[:2]).logits
-    if method in ("wanda-sp", "flap"):           # these already zeroed what they removed
+    if method in ("wanda-sp", "flap"):  # these already zeroed what they removed
         torch.testing.assert_close(masked, before)
     apply_plan(model, plan)
     torch.testing.assert_close(model(tokens[:2]).logits, masked, atol=1e-5, rtol=1e-5)
@@ -258,10 +280,15 @@ def test_checkpoint_round_trip(method, tmp_path):
     plan, _ = prune_model(model, tokens, method, 0.5 if method == "flap" else 0.3)
     want = model(tokens[:2]).logits
     loaded, _ = slimops.load(slimops.save_pruned(model, tmp_path / method, plan=plan))
-    if method == "flap":   # biases exist where heads / channels went, and survive the trip
-        pairs = [(m.bias, n.bias) for a, b in zip(model.model.layers, loaded.model.layers)
-                 for m, n in ((a.self_attn.o_proj, b.self_attn.o_proj),
-                              (a.mlp.down_proj, b.mlp.down_proj))]
+    if method == "flap":  # biases exist where heads / channels went, and survive the trip
+        pairs = [
+            (m.bias, n.bias)
+            for a, b in zip(model.model.layers, loaded.model.layers)
+            for m, n in (
+                (a.self_attn.o_proj, b.self_attn.o_proj),
+                (a.mlp.down_proj, b.mlp.down_proj),
+            )
+        ]
         assert any(m is not None and m.abs().max() > 1e-2 for m, _ in pairs)
         for m, n in pairs:
             assert (m is None) == (n is None)

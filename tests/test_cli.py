@@ -1,5 +1,6 @@
 """The CLI contract: prune -> save -> eval on a tiny saved model, and one-line errors for
 bad input before any work (nothing written to --out)."""
+
 import json
 
 import pytest
@@ -17,36 +18,73 @@ def text_file(tmp_path):
 
 def test_prune_then_eval(saved_tiny_model, text_file, tmp_path, capsys):
     out = tmp_path / "pruned"
-    rc = main(["prune", str(saved_tiny_model), "--ratio", "0.3", "--calib", str(text_file),
-               "--nsamples", "8", "--seqlen", "32", "--out", str(out),
-               "--json", str(tmp_path / "report.json")])
+    rc = main(
+        [
+            "prune",
+            str(saved_tiny_model),
+            "--ratio",
+            "0.3",
+            "--calib",
+            str(text_file),
+            "--nsamples",
+            "8",
+            "--seqlen",
+            "32",
+            "--out",
+            str(out),
+            "--json",
+            str(tmp_path / "report.json"),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "decoder params" in printed and "| layer |" in printed
     report = json.loads((tmp_path / "report.json").read_text())
     assert abs(report["achieved_ratio"] - 0.3) <= 0.01
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
-    rc = main(["eval", str(out), "--data", str(text_file), "--seqlen", "32",
-               "--json", str(tmp_path / "eval.json")])
+    rc = main(
+        [
+            "eval",
+            str(out),
+            "--data",
+            str(text_file),
+            "--seqlen",
+            "32",
+            "--json",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     assert rc == 0
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["ppl"] > 1 and result["params"] == report["total_params_after"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--ratio", "1.5"], "outside (0, 1)"),
-    (["--ratio", "0"], "outside (0, 1)"),
-    (["--calib", "/nonexistent/file.txt"], "neither"),
-    (["--nsamples", "100000"], "fewer than nsamples x seqlen"),
-    (["--schedule", "quadratic"], "--schedule must be"),
-    (["--method", "magnitude", "--align", "8"], "slimgpt and search only"),
-    (["--align", "0"], "positive integer"),
-])
-def test_bad_input_is_one_clear_line(saved_tiny_model, text_file, tmp_path, capsys, args,
-                                     message):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ratio", "1.5"], "outside (0, 1)"),
+        (["--ratio", "0"], "outside (0, 1)"),
+        (["--calib", "/nonexistent/file.txt"], "neither"),
+        (["--nsamples", "100000"], "fewer than nsamples x seqlen"),
+        (["--schedule", "quadratic"], "--schedule must be"),
+        (["--method", "magnitude", "--align", "8"], "slimgpt and search only"),
+        (["--align", "0"], "positive integer"),
+    ],
+)
+def test_bad_input_is_one_clear_line(saved_tiny_model, text_file, tmp_path, capsys, args, message):
     out = tmp_path / "out"
-    base = ["prune", str(saved_tiny_model), "--calib", str(text_file), "--nsamples", "4",
-            "--seqlen", "32", "--out", str(out)]
+    base = [
+        "prune",
+        str(saved_tiny_model),
+        "--calib",
+        str(text_file),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--out",
+        str(out),
+    ]
     assert main(base + args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and sum("error" in line for line in err) == 1
@@ -54,14 +92,26 @@ def test_bad_input_is_one_clear_line(saved_tiny_model, text_file, tmp_path, caps
 
 
 def test_missing_model_and_nonempty_out(tmp_path, text_file, saved_tiny_model, capsys):
-    assert main(["prune", str(tmp_path / "nope"), "--calib", str(text_file),
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                str(tmp_path / "nope"),
+                "--calib",
+                str(text_file),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    assert main(["prune", str(saved_tiny_model), "--calib", str(text_file), "--out",
-                 str(busy)]) == 2
+    assert (
+        main(["prune", str(saved_tiny_model), "--calib", str(text_file), "--out", str(busy)]) == 2
+    )
     assert "not empty" in capsys.readouterr().err
     assert (busy / "keep.txt").read_text() == "mine"
 
@@ -69,13 +119,30 @@ def test_missing_model_and_nonempty_out(tmp_path, text_file, saved_tiny_model, c
 def test_nonfinite_activations_are_reported(saved_tiny_model, text_file, tmp_path, capsys):
     import torch
     from safetensors.torch import load_file, save_file
+
     weights = load_file(saved_tiny_model / "model.safetensors")
     weights["model.layers.0.mlp.down_proj.weight"] = torch.full_like(
-        weights["model.layers.0.mlp.down_proj.weight"], float("inf"))
+        weights["model.layers.0.mlp.down_proj.weight"], float("inf")
+    )
     save_file(weights, saved_tiny_model / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "o"
-    assert main(["prune", str(saved_tiny_model), "--calib", str(text_file), "--nsamples", "4",
-                 "--seqlen", "32", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                str(saved_tiny_model),
+                "--calib",
+                str(text_file),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "non-finite" in capsys.readouterr().err
     assert not out.exists()
 
@@ -85,9 +152,28 @@ def test_prune_aligned_and_baseline(saved_tiny_model, text_file, tmp_path):
     baseline goes through the same CLI path; both hit the ratio within a point."""
     for name, extra in (("aligned", ["--align", "8"]), ("flap", ["--method", "flap"])):
         out = tmp_path / name
-        assert main(["prune", str(saved_tiny_model), "--ratio", "0.3", "--calib",
-                     str(text_file), "--nsamples", "8", "--seqlen", "32", "--out", str(out),
-                     "--json", str(tmp_path / f"{name}.json")] + extra) == 0
+        assert (
+            main(
+                [
+                    "prune",
+                    str(saved_tiny_model),
+                    "--ratio",
+                    "0.3",
+                    "--calib",
+                    str(text_file),
+                    "--nsamples",
+                    "8",
+                    "--seqlen",
+                    "32",
+                    "--out",
+                    str(out),
+                    "--json",
+                    str(tmp_path / f"{name}.json"),
+                ]
+                + extra
+            )
+            == 0
+        )
         report = json.loads((tmp_path / f"{name}.json").read_text())
         assert abs(report["achieved_ratio"] - 0.3) <= 0.01
         if name == "aligned":
@@ -106,9 +192,14 @@ def test_unsupported_family_is_said_first(tmp_path, text_file, capsys):
     """A GPT-2 folder without a tokenizer: the family is refused before the tokenizer is
     looked for (not "the calibration text has 0 tokens")."""
     from transformers import GPT2Config, GPT2LMHeadModel
+
     folder = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(folder)
-    assert main(["prune", str(folder), "--calib", str(text_file), "--out", str(tmp_path / "o")]) == 2
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(
+        folder
+    )
+    assert (
+        main(["prune", str(folder), "--calib", str(text_file), "--out", str(tmp_path / "o")]) == 2
+    )
     line = _one_error_line(capsys)
     assert "unsupported model family 'gpt2'" in line and "llama" in line
 
@@ -116,7 +207,9 @@ def test_unsupported_family_is_said_first(tmp_path, text_file, capsys):
 def test_folder_without_tokenizer_is_said(tmp_path, text_file, capsys):
     folder = tmp_path / "no-tokenizer"
     make_tiny_model("llama").save_pretrained(folder)
-    assert main(["prune", str(folder), "--calib", str(text_file), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["prune", str(folder), "--calib", str(text_file), "--out", str(tmp_path / "o")]) == 2
+    )
     assert "has no tokenizer" in _one_error_line(capsys)
 
 
@@ -125,8 +218,23 @@ def test_truncated_safetensors_is_one_clear_line(saved_tiny_model, text_file, tm
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     out = tmp_path / "o"
-    assert main(["prune", str(saved_tiny_model), "--calib", str(text_file), "--nsamples", "4",
-                 "--seqlen", "32", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                str(saved_tiny_model),
+                "--calib",
+                str(text_file),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     line = _one_error_line(capsys)
     assert "unreadable" in line and "truncated or corrupt" in line and str(saved_tiny_model) in line
     assert not out.exists()
@@ -134,11 +242,43 @@ def test_truncated_safetensors_is_one_clear_line(saved_tiny_model, text_file, tm
 
 def test_prune_with_search_writes_pareto_front(saved_tiny_model, text_file, tmp_path, capsys):
     out = tmp_path / "searched"
-    assert main(["prune", str(saved_tiny_model), "--method", "search", "--ratio", "0.3",
-                 "--calib", str(text_file), "--nsamples", "8", "--seqlen", "32", "--out",
-                 str(out), "--generations", "2", "--population", "6", "--mutations", "3",
-                 "--crossovers", "1", "--parents", "3", "--fitness", "kl", "--budget", "macs",
-                 "--json", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(saved_tiny_model),
+                "--method",
+                "search",
+                "--ratio",
+                "0.3",
+                "--calib",
+                str(text_file),
+                "--nsamples",
+                "8",
+                "--seqlen",
+                "32",
+                "--out",
+                str(out),
+                "--generations",
+                "2",
+                "--population",
+                "6",
+                "--mutations",
+                "3",
+                "--crossovers",
+                "1",
+                "--parents",
+                "3",
+                "--fitness",
+                "kl",
+                "--budget",
+                "macs",
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "search: " in printed and "candidates in" in printed
     assert (out / "search_pareto.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,5 +1,6 @@
 """Backend dispatch: CPU tensors use the C++ kernels, SLIMOPS_BACKEND forces a backend with
 clear errors, and backends() says what is available and why not."""
+
 import pytest
 import torch
 
@@ -17,8 +18,13 @@ def test_forced_triton_routes_to_the_triton_launcher(monkeypatch):
     monkeypatch.setattr(ops, "_triton_kernel", lambda op: lambda *a, **kw: calls.append((op, kw)))
     ops.hessian_accumulate(torch.zeros(1, 4, 4), torch.ones(3, 4))
     # a caller that validated its indices once per plan skips the per-call check (a device sync)
-    ops.slice_gemm(torch.ones(3, 4), torch.ones(2, 4), out_idx=torch.tensor([1]), check_indices=False)
-    assert calls == [("hessian_accumulate", {"check_indices": True}), ("slice_gemm", {"check_indices": False})]
+    ops.slice_gemm(
+        torch.ones(3, 4), torch.ones(2, 4), out_idx=torch.tensor([1]), check_indices=False
+    )
+    assert calls == [
+        ("hessian_accumulate", {"check_indices": True}),
+        ("slice_gemm", {"check_indices": False}),
+    ]
 
 
 def test_bad_forced_backend_is_a_clear_error(monkeypatch):
@@ -43,7 +49,9 @@ def test_backends_report():
 
 def test_slice_gemm_wrapper_matches_reference():
     from slimops.kernels.slice_gemm.reference import slice_gemm
+
     X, W, b = torch.randn(5, 12), torch.randn(7, 12), torch.randn(7)
     heads, rows = torch.tensor([0, 2]), torch.tensor([1, 3, 6])
-    torch.testing.assert_close(ops.slice_gemm(X, W, b, heads, rows, 4),
-                               slice_gemm(X, W, b, heads, rows, 4))
+    torch.testing.assert_close(
+        ops.slice_gemm(X, W, b, heads, rows, 4), slice_gemm(X, W, b, heads, rows, 4)
+    )

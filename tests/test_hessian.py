@@ -8,11 +8,20 @@ of the row block, groups with no rows, a d=11008 column slice of a wider X (GPU 
 import pytest
 import torch
 
-from helpers import (DEVICE, HESSIAN_BAD_INPUTS, OPCHECK_UTILS, assert_rel_close, hessian_fp64, make_hessian_case,
-                     needs_cuda, needs_cuda_op, triton_kernels)
+from helpers import (
+    DEVICE,
+    HESSIAN_BAD_INPUTS,
+    OPCHECK_UTILS,
+    assert_rel_close,
+    hessian_fp64,
+    make_hessian_case,
+    needs_cuda,
+    needs_cuda_op,
+    triton_kernels,
+)
 from slimops import ops  # noqa: F401  (registers the ops: C++ kernels or the reference)
 
-hessian_triton, needs_triton = triton_kernels("hessian")   # interpreted on CPU (conftest)
+hessian_triton, needs_triton = triton_kernels("hessian")  # interpreted on CPU (conftest)
 
 
 def make_case(T, d, G, empty_group=None, dtype=torch.float32, device=DEVICE, seed=0):
@@ -24,8 +33,12 @@ def make_case(T, d, G, empty_group=None, dtype=torch.float32, device=DEVICE, see
 # "Numerical behavior of NVIDIA tensor cores"): a biased ~2^-23 per step, (T/16) steps.
 LOW_PRECISION_GPU_TOL = 1e-4
 CASES = [  # T, d, G, empty_group, dtype
-    (1, 1, 1, None, torch.float32), (50, 37, 1, None, torch.float32), (1, 37, 3, 2, torch.float32),
-    (77, 64, 3, 1, torch.float32), (129, 33, 3, 0, torch.bfloat16), (70, 37, 1, None, torch.float16),
+    (1, 1, 1, None, torch.float32),
+    (50, 37, 1, None, torch.float32),
+    (1, 37, 3, 2, torch.float32),
+    (77, 64, 3, 1, torch.float32),
+    (129, 33, 3, 0, torch.bfloat16),
+    (70, 37, 1, None, torch.float16),
 ]
 
 
@@ -40,6 +53,7 @@ def run_and_check(accumulate, T, d, G, empty_group, dtype):
 
 
 # --- Triton (interpreter on CPU) ---------------------------------------------------------------
+
 
 @needs_triton
 @pytest.mark.parametrize("T,d,G,empty_group,dtype", CASES)
@@ -79,9 +93,13 @@ def test_triton_autotunes_on_a_scratch_h(monkeypatch, G):
     monkeypatch.setattr(hessian_triton, "_autotunes", lambda: True)  # one config here: force it
     monkeypatch.setattr(hessian_triton, "_TUNED", set())
     shapes, launch = [], hessian_triton._launch
-    monkeypatch.setattr(hessian_triton, "_launch", lambda H, *a: (shapes.append(tuple(H.shape)), launch(H, *a)))
+    monkeypatch.setattr(
+        hessian_triton, "_launch", lambda H, *a: (shapes.append(tuple(H.shape)), launch(H, *a))
+    )
     run_and_check(hessian_triton.hessian_accumulate, 70, 37, G, None, torch.float32)
-    run_and_check(hessian_triton.hessian_accumulate, 70, 37, G, None, torch.float32)  # tuned: H only
+    run_and_check(
+        hessian_triton.hessian_accumulate, 70, 37, G, None, torch.float32
+    )  # tuned: H only
     assert shapes == [(1, 37, 37), (G, 37, 37), (G, 37, 37)]
 
 
@@ -120,13 +138,21 @@ def test_triton_cuda_autotune_trials_leave_h_alone():
 
 # --- CUDA kernel (torch.ops.slimops on cuda tensors) -------------------------------------------
 
+
 def cuda_op(H, X, ids, scale):
     torch.ops.slimops.hessian_accumulate(H, X, ids, scale)
 
 
 @needs_cuda_op("hessian_accumulate")
-@pytest.mark.parametrize("T,d,G,empty_group,dtype", CASES + [
-    (4099, 300, 3, 1, torch.float32), (4099, 300, 3, 1, torch.bfloat16), (257, 65, 4, 0, torch.float16)])
+@pytest.mark.parametrize(
+    "T,d,G,empty_group,dtype",
+    CASES
+    + [
+        (4099, 300, 3, 1, torch.float32),
+        (4099, 300, 3, 1, torch.bfloat16),
+        (257, 65, 4, 0, torch.float16),
+    ],
+)
 def test_cuda_op_matches_fp64(T, d, G, empty_group, dtype):
     run_and_check(cuda_op, T, d, G, empty_group, dtype)
 
@@ -159,6 +185,10 @@ def test_cuda_op_bad_input(make, match):
 @needs_cuda_op("hessian_accumulate")
 def test_cuda_opcheck():
     H, X, ids = make_case(100, 37, 3, 1, torch.bfloat16)
-    torch.library.opcheck(torch.ops.slimops.hessian_accumulate, (H, X, ids, 0.5), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(
+        torch.ops.slimops.hessian_accumulate, (H, X, ids, 0.5), test_utils=OPCHECK_UTILS
+    )
     H, X, _ = make_case(64, 40, 1)
-    torch.library.opcheck(torch.ops.slimops.hessian_accumulate, (H, X, None, 1.0), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(
+        torch.ops.slimops.hessian_accumulate, (H, X, None, 1.0), test_utils=OPCHECK_UTILS
+    )

@@ -1,5 +1,6 @@
 """A plain `pip install .` (build isolation: torch not importable while setup.py runs)
 installs the pure-Python package and says why the kernels are missing and what to run."""
+
 import subprocess
 import sys
 
@@ -16,10 +17,36 @@ runpy.run_path("setup.py", run_name="__main__")
 
 def test_setup_without_torch_builds_pure_python_and_says_how_to_get_kernels():
     so_before = sorted(ROOT.glob("slimops/_C*"))
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_TORCH], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "0.1.0"
     warning = [line for line in proc.stderr.splitlines() if line.startswith("slimops: WARNING")]
     assert len(warning) == 1 and "pip install --no-build-isolation ." in warning[0]
-    assert sorted(ROOT.glob("slimops/_C*")) == so_before       # a built extension is left alone
+    assert sorted(ROOT.glob("slimops/_C*")) == so_before  # a built extension is left alone
+
+
+def test_missing_extension_is_said_once_at_import():
+    """Installed without kernels (as a plain `pip install .` leaves it): importing slimops
+    says so in one warning with the command; SLIMOPS_NO_EXT=1 (a deliberate choice) is quiet."""
+    code = (
+        "import sys; sys.modules['slimops._C'] = None\n"
+        "import slimops.ops as o; print(o.backends()['cpu'])"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "SLIMOPS_NO_EXT"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "slimops._C is not available" in line]
+    assert len(lines) == 1 and "pip install --no-build-isolation ." in lines[0]
+    assert proc.stdout.startswith("python reference")
+    quiet = subprocess.run(
+        [sys.executable, "-c", "import slimops.ops"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "SLIMOPS_NO_EXT": "1"},
+    )
+    assert "not available" not in quiet.stderr

@@ -10,12 +10,21 @@ a GPU and a CUDA build of slimops._C exist, on the real shapes (GQA groups of 1/
 import pytest
 import torch
 
-from helpers import (DEVICE, OBS_BAD_INPUTS, OPCHECK_UTILS, assert_rel_close, check_obs_ieee, errors_fp64,
-                     needs_cuda_op, spd, triton_kernels)
+from helpers import (
+    DEVICE,
+    OBS_BAD_INPUTS,
+    OPCHECK_UTILS,
+    assert_rel_close,
+    check_obs_ieee,
+    errors_fp64,
+    needs_cuda_op,
+    spd,
+    triton_kernels,
+)
 from slimops import ops  # noqa: F401  (registers the ops, with or without the extension)
 from slimops.kernels.obs import reference as obs_ref
 
-obs_triton, needs_triton = triton_kernels("obs")   # interpreted on CPU (conftest)
+obs_triton, needs_triton = triton_kernels("obs")  # interpreted on CPU (conftest)
 
 
 def problem(r, d, gen):
@@ -34,8 +43,11 @@ def kept(d, removed):
 
 # --- Triton: batched Cholesky and scoring ---------------------------------------------------
 
+
 @needs_triton
-@pytest.mark.parametrize("d,s,B", [(5, 1, 5), (9, 3, 3), (80, 37, 2), (64, 64, 1), (130, 128, 1), (150, 150, 1)])
+@pytest.mark.parametrize(
+    "d,s,B", [(5, 1, 5), (9, 3, 3), (80, 37, 2), (64, 64, 1), (130, 128, 1), (150, 150, 1)]
+)
 def test_triton_block_cholesky_inverse(d, s, B):
     gen = torch.Generator().manual_seed(d + s)
     _, _, Hinv = problem(1, d, gen)
@@ -47,7 +59,9 @@ def test_triton_block_cholesky_inverse(d, s, B):
 
 
 @needs_triton
-@pytest.mark.parametrize("r,d,s", [(5, 48, 8), (3, 37, 1), (1, 3, 3), (7, 111, 37), (2, 64, 64), (3, 150, 150)])
+@pytest.mark.parametrize(
+    "r,d,s", [(5, 48, 8), (3, 37, 1), (1, 3, 3), (7, 111, 37), (2, 64, 64), (3, 150, 150)]
+)
 def test_triton_errors_match_brute_force(r, d, s):
     gen = torch.Generator().manual_seed(r * 100 + d)
     _, W, Hinv = problem(r, d, gen)
@@ -76,13 +90,16 @@ def test_triton_errors_strided_inputs_and_edges():
 def test_triton_errors_inf_for_non_pd_block(s):
     gen = torch.Generator().manual_seed(3)
     _, W, Hinv = problem(3, 3 * s, gen)
-    Hinv[s:2 * s, s:2 * s] = -torch.eye(s, device=DEVICE)  # group 1's block is negative definite
+    Hinv[s : 2 * s, s : 2 * s] = -torch.eye(
+        s, device=DEVICE
+    )  # group 1's block is negative definite
     err = obs_triton.obs_group_errors(W, Hinv, torch.arange(3 * s, device=DEVICE).view(3, s))
     assert torch.isinf(err[1]) and err[1] > 0
     assert torch.isfinite(err[[0, 2]]).all()
 
 
 # --- Triton: the update ---------------------------------------------------------------------
+
 
 @needs_triton
 @pytest.mark.parametrize("r,d,s", [(6, 40, 8), (4, 37, 5), (3, 9, 1), (5, 150, 37), (2, 70, 64)])
@@ -110,11 +127,11 @@ def test_triton_chained_updates_stay_symmetric_and_schur():
     W64, Hinv64 = W.double(), Hinv.double()
     order = torch.randperm(d, generator=gen).to(DEVICE)
     for step in range(5):
-        idx = order[step * s:(step + 1) * s]
+        idx = order[step * s : (step + 1) * s]
         assert int(obs_triton.obs_group_update(W, Hinv, idx)) == 0
         obs_ref.group_update(W64, Hinv64, idx)
         assert torch.equal(Hinv, Hinv.T)
-        R = kept(d, order[:(step + 1) * s])
+        R = kept(d, order[: (step + 1) * s])
         assert_rel_close(Hinv[R][:, R], torch.linalg.inv(H[R][:, R]), 1e-4)
     assert_rel_close(W, W64, 1e-4)
 
@@ -124,7 +141,7 @@ def test_triton_chained_updates_stay_symmetric_and_schur():
 def test_triton_update_non_pd_leaves_inputs_unchanged(s):
     gen = torch.Generator().manual_seed(4)
     _, W, Hinv = problem(4, s + 10, gen)
-    Hinv[2:2 + s, 2:2 + s] = 0.0  # singular block: not positive definite
+    Hinv[2 : 2 + s, 2 : 2 + s] = 0.0  # singular block: not positive definite
     W0, Hinv0 = W.clone(), Hinv.clone()
     info = obs_triton.obs_group_update(W, Hinv, torch.arange(2, 2 + s, device=DEVICE))
     assert info.shape == () and int(info) > 0
@@ -136,11 +153,18 @@ def test_triton_update_edges():
     gen = torch.Generator().manual_seed(6)
     H, W, Hinv = problem(3, 20, gen)
     W0, Hinv0 = W.clone(), Hinv.clone()
-    assert int(obs_triton.obs_group_update(W, Hinv, torch.zeros(0, dtype=torch.long, device=DEVICE))) == 0
+    assert (
+        int(obs_triton.obs_group_update(W, Hinv, torch.zeros(0, dtype=torch.long, device=DEVICE)))
+        == 0
+    )
     assert torch.equal(W, W0) and torch.equal(Hinv, Hinv0)
     idx = torch.tensor([3, 11], device=DEVICE)
     assert int(obs_triton.obs_group_update(W[:0], Hinv, idx)) == 0  # r = 0: Hinv only
-    assert_rel_close(Hinv[kept(20, idx)][:, kept(20, idx)], torch.linalg.inv(H[kept(20, idx)][:, kept(20, idx)]), 1e-4)
+    assert_rel_close(
+        Hinv[kept(20, idx)][:, kept(20, idx)],
+        torch.linalg.inv(H[kept(20, idx)][:, kept(20, idx)]),
+        1e-4,
+    )
 
 
 @needs_triton
@@ -154,8 +178,10 @@ def test_triton_unchecked_indices_same_result():
     gen = torch.Generator().manual_seed(9)
     _, W, Hinv = problem(5, 40, gen)
     groups = torch.arange(40, device=DEVICE).view(5, 8)
-    assert torch.equal(obs_triton.obs_group_errors(W, Hinv, groups, check_indices=False),
-                       obs_triton.obs_group_errors(W, Hinv, groups))
+    assert torch.equal(
+        obs_triton.obs_group_errors(W, Hinv, groups, check_indices=False),
+        obs_triton.obs_group_errors(W, Hinv, groups),
+    )
     W2, Hinv2 = W.clone(), Hinv.clone()
     assert int(obs_triton.obs_group_update(W, Hinv, groups[1], check_indices=False)) == 0
     assert int(obs_triton.obs_group_update(W2, Hinv2, groups[1])) == 0
@@ -170,6 +196,7 @@ def test_triton_bad_input(fn, args, match):
 
 
 # --- CUDA (csrc/obs/cuda/obs.cu), and Triton, on the real shapes ------------------------------
+
 
 def _gpu_backends():
     fns = [("cuda", torch.ops.slimops.obs_group_errors, torch.ops.slimops.obs_group_update)]
@@ -195,7 +222,7 @@ def test_cuda_errors_gqa_groups(heads_per_group):
 def test_cuda_update_d11008():
     gen = torch.Generator().manual_seed(11)
     d, s, r = 11008, 64, 256
-    A = torch.randn(d, d, generator=gen).cuda().double() / d ** 0.5
+    A = torch.randn(d, d, generator=gen).cuda().double() / d**0.5
     H = A @ A.T + torch.eye(d, device="cuda", dtype=torch.float64)
     Hinv0 = torch.linalg.inv(H).float()
     Hinv0 = (Hinv0 + Hinv0.T) / 2
@@ -215,7 +242,9 @@ def test_cuda_update_d11008():
 @needs_cuda_op("obs_group_errors")
 @pytest.mark.parametrize("precision", ["high", "medium"])
 def test_cuda_ieee_whatever_the_matmul_precision(precision):
-    check_obs_ieee(torch.ops.slimops.obs_group_errors, torch.ops.slimops.obs_group_update, precision, "cuda")
+    check_obs_ieee(
+        torch.ops.slimops.obs_group_errors, torch.ops.slimops.obs_group_update, precision, "cuda"
+    )
 
 
 @needs_cuda_op("obs_group_errors")
@@ -234,9 +263,21 @@ def test_cuda_non_pd_and_opcheck():
     bad = Hinv.clone()
     bad[2:5, 2:5] = 0.0
     W0 = W.clone()
-    assert int(torch.ops.slimops.obs_group_update(W, bad.clone(), torch.tensor([2, 3, 4], device="cuda"))) > 0
+    assert (
+        int(
+            torch.ops.slimops.obs_group_update(
+                W, bad.clone(), torch.tensor([2, 3, 4], device="cuda")
+            )
+        )
+        > 0
+    )
     assert torch.equal(W, W0)
     assert torch.isinf(torch.ops.slimops.obs_group_errors(W, bad, groups)[1])
-    torch.library.opcheck(torch.ops.slimops.obs_group_errors.default, (W, Hinv, groups), test_utils=OPCHECK_UTILS)
-    torch.library.opcheck(torch.ops.slimops.obs_group_update.default,
-                          (W.clone(), Hinv.clone(), torch.tensor([1, 5], device="cuda")), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(
+        torch.ops.slimops.obs_group_errors.default, (W, Hinv, groups), test_utils=OPCHECK_UTILS
+    )
+    torch.library.opcheck(
+        torch.ops.slimops.obs_group_update.default,
+        (W.clone(), Hinv.clone(), torch.tensor([1, 5], device="cuda")),
+        test_utils=OPCHECK_UTILS,
+    )

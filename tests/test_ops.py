@@ -5,26 +5,47 @@ Python registration of kernels/*/reference.py. Shapes are chosen to hit the kern
 d=1, widths that are not multiples of the 256-column tile (300, 513), T=4099 (one row past
 a 4096-row chunk), groups with no rows.
 """
+
 import re
 
 import pytest
 import torch
 
-from helpers import (HESSIAN_BAD_INPUTS, OBS_BAD_INPUTS, OPCHECK_UTILS, ROOT, assert_rel_close, check_obs_ieee,
-                     errors_fp64, hessian_fp64, make_hessian_case, needs_cpp_ext, raised, spd)
+from helpers import (
+    HESSIAN_BAD_INPUTS,
+    OBS_BAD_INPUTS,
+    OPCHECK_UTILS,
+    ROOT,
+    assert_rel_close,
+    check_obs_ieee,
+    errors_fp64,
+    hessian_fp64,
+    make_hessian_case,
+    needs_cpp_ext,
+    raised,
+    spd,
+)
 from slimops import ops
 from slimops.kernels.hessian import checks as hessian_checks
 from slimops.kernels.hessian import reference as hessian_ref
 from slimops.kernels.obs import checks as obs_checks
 from slimops.kernels.obs import reference as obs_ref
 
-
 # --- hessian_accumulate ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("T,d,G,empty_group", [
-    (1, 1, 1, None), (50, 37, 1, None), (4099, 37, 1, None), (600, 300, 1, None),
-    (700, 513, 3, 1), (257, 64, 4, 0), (9000, 37, 2, None),  # last: groups span 2 chunks
-])
+
+@pytest.mark.parametrize(
+    "T,d,G,empty_group",
+    [
+        (1, 1, 1, None),
+        (50, 37, 1, None),
+        (4099, 37, 1, None),
+        (600, 300, 1, None),
+        (700, 513, 3, 1),
+        (257, 64, 4, 0),
+        (9000, 37, 2, None),  # last: groups span 2 chunks
+    ],
+)
 def test_hessian_matches_fp64(T, d, G, empty_group):
     H, X, ids = make_hessian_case(T, d, G, empty_group)
     expected = hessian_fp64(H, X, ids, 0.5)
@@ -73,8 +94,11 @@ def test_hessian_update_is_exactly_symmetric(dtype):
     ops.hessian_accumulate(H, X, ids, scale=0.3)
     ops.hessian_accumulate(H, X[:100].T.contiguous().T, ids[:100])  # column-major X too
     assert torch.equal(H, H.mT)
-    assert_rel_close(H, hessian_fp64(hessian_fp64(torch.zeros(2, 600, 600), X, ids, 0.3), X[:100], ids[:100], 1.0),
-                     1e-5)
+    assert_rel_close(
+        H,
+        hessian_fp64(hessian_fp64(torch.zeros(2, 600, 600), X, ids, 0.3), X[:100], ids[:100], 1.0),
+        1e-5,
+    )
 
 
 @pytest.mark.parametrize("make,match", HESSIAN_BAD_INPUTS)
@@ -85,6 +109,7 @@ def test_hessian_bad_input(make, match):
 
 
 # --- obs_group_errors --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("r,d,s", [(5, 48, 8), (3, 37, 1), (1, 1, 1), (7, 64, 16)])
 def test_obs_errors_match_brute_force(r, d, s):
@@ -113,6 +138,7 @@ def test_obs_errors_inf_for_non_pd_block():
 
 
 # --- obs_group_update --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("r,d,s", [(6, 40, 8), (4, 37, 5), (3, 9, 1)])
 def test_obs_update_matches_reference_and_schur(r, d, s):
@@ -163,36 +189,46 @@ def test_obs_bad_input(op, args, match):
 @needs_cpp_ext
 @pytest.mark.parametrize("precision", ["high", "medium"])
 def test_obs_ieee_whatever_the_matmul_precision(precision):
-    check_obs_ieee(torch.ops.slimops.obs_group_errors, torch.ops.slimops.obs_group_update, precision, "cpu")
+    check_obs_ieee(
+        torch.ops.slimops.obs_group_errors, torch.ops.slimops.obs_group_update, precision, "cpu"
+    )
 
 
 # --- one contract: the Python checks are the C++ checks ---------------------------------------
 
+
 @pytest.mark.parametrize("make,match", HESSIAN_BAD_INPUTS)
 def test_hessian_python_checks_raise_the_cpp_messages(make, match):
     H, X, ids = make("cpu")
-    assert raised(hessian_checks.check_inputs, H, X, ids) == \
-        raised(torch.ops.slimops.hessian_accumulate, H, X, ids, 1.0)
+    assert raised(hessian_checks.check_inputs, H, X, ids) == raised(
+        torch.ops.slimops.hessian_accumulate, H, X, ids, 1.0
+    )
 
 
 @pytest.mark.parametrize("op,args,match", OBS_BAD_INPUTS)
 def test_obs_python_checks_raise_the_cpp_messages(op, args, match):
-    check = {"obs_group_errors": obs_checks.check_errors_inputs,
-             "obs_group_update": obs_checks.check_update_inputs}[op]
+    check = {
+        "obs_group_errors": obs_checks.check_errors_inputs,
+        "obs_group_update": obs_checks.check_update_inputs,
+    }[op]
     tensors = args("cpu")
     assert raised(check, *tensors) == raised(getattr(torch.ops.slimops, op), *tensors)
 
 
 # --- registration ------------------------------------------------------------------------
 
+
 def cpp_schemas() -> dict[str, str]:
     """name -> schema of every m.def in csrc/ops.cpp's TORCH_LIBRARY block (adjacent string
     literals joined, as the C++ compiler does)."""
     text = (ROOT / "csrc" / "ops.cpp").read_text()
-    block = text[text.index("TORCH_LIBRARY(slimops, m)"):]
-    block = block[:block.index("\n}")]
-    defs = ["".join(re.findall(r'"([^"]*)"', d)) for d in re.findall(r'm\.def\(((?:\s*"[^"]*")+)', block)]
-    return {d[:d.index("(")]: d[d.index("("):] for d in defs}
+    block = text[text.index("TORCH_LIBRARY(slimops, m)") :]
+    block = block[: block.index("\n}")]
+    defs = [
+        "".join(re.findall(r'"([^"]*)"', d))
+        for d in re.findall(r'm\.def\(((?:\s*"[^"]*")+)', block)
+    ]
+    return {d[: d.index("(")]: d[d.index("(") :] for d in defs}
 
 
 def test_schemas_match_csrc_ops_cpp():
@@ -205,16 +241,28 @@ def test_opcheck():
     gen = torch.Generator().manual_seed(5)
     X = torch.randn(20, 6, generator=gen)
     ids = torch.randint(0, 2, (20,), generator=gen)
-    torch.library.opcheck(torch.ops.slimops.hessian_accumulate.default,
-                          (torch.zeros(1, 6, 6), X, None, 1.0), test_utils=OPCHECK_UTILS)
-    torch.library.opcheck(torch.ops.slimops.hessian_accumulate.default,
-                          (torch.zeros(2, 6, 6), X.half(), ids, 0.5), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(
+        torch.ops.slimops.hessian_accumulate.default,
+        (torch.zeros(1, 6, 6), X, None, 1.0),
+        test_utils=OPCHECK_UTILS,
+    )
+    torch.library.opcheck(
+        torch.ops.slimops.hessian_accumulate.default,
+        (torch.zeros(2, 6, 6), X.half(), ids, 0.5),
+        test_utils=OPCHECK_UTILS,
+    )
     Hinv = torch.linalg.inv(spd(8, gen)).float()
     W = torch.randn(3, 8, generator=gen)
-    torch.library.opcheck(torch.ops.slimops.obs_group_errors.default,
-                          (W, Hinv, torch.arange(8).view(4, 2)), test_utils=OPCHECK_UTILS)
-    torch.library.opcheck(torch.ops.slimops.obs_group_update.default,
-                          (W.clone(), Hinv.clone(), torch.tensor([1, 5])), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(
+        torch.ops.slimops.obs_group_errors.default,
+        (W, Hinv, torch.arange(8).view(4, 2)),
+        test_utils=OPCHECK_UTILS,
+    )
+    torch.library.opcheck(
+        torch.ops.slimops.obs_group_update.default,
+        (W.clone(), Hinv.clone(), torch.tensor([1, 5])),
+        test_utils=OPCHECK_UTILS,
+    )
 
 
 def test_backends_report():

@@ -1,5 +1,6 @@
 """The shipped reference model: loads offline, its tokenizer round-trips with the exact ids
 it was trained on, it is really trained, and the demo prunes it with a small ppl change."""
+
 import json
 
 import pytest
@@ -14,12 +15,16 @@ needs_corpus = pytest.mark.skipif(corpus.find_corpus_dir() is None, reason=corpu
 @pytest.fixture(scope="module")
 def reference():
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    return (AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL).eval(),
-            AutoTokenizer.from_pretrained(REFERENCE_MODEL))
+
+    return (
+        AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL).eval(),
+        AutoTokenizer.from_pretrained(REFERENCE_MODEL),
+    )
 
 
 def test_tokenizer_ids_match_the_trained_tokenizer(reference):
     from tokenizers import Tokenizer
+
     _, tok = reference
     raw = Tokenizer.from_file(str(REFERENCE_MODEL / "tokenizer.json"))
     text = "Hello, World!\n\n  def f(x):\treturn x ** 2  # naïve café\n.. versionadded:: 3.11"
@@ -38,10 +43,11 @@ def test_reference_model_shape_and_size():
 def test_reference_model_is_trained(reference):
     from slimops.calibration import tokenize
     from slimops.evaluation.perplexity import perplexity
+
     model, tok = reference
     ids = tokenize(corpus.read_split("test"), tok)
     ppl = perplexity(model, ids, seqlen=128, batch_size=32, max_windows=32, progress=False)
-    assert ppl < 150, ppl            # an untrained model of this vocab scores ~4096
+    assert ppl < 150, ppl  # an untrained model of this vocab scores ~4096
 
 
 @needs_corpus
@@ -52,8 +58,9 @@ def test_demo_prunes_20_percent_with_small_ppl_change(tmp_path, capsys):
     assert result["pruned_ppl"] < 1.15 * result["dense_ppl"]
     printed = capsys.readouterr().out
     assert "| slimgpt 20% |" in printed
-    assert "reference model: slimops/assets/reference_model\n" in printed   # same on every machine
+    assert "reference model: slimops/assets/reference_model\n" in printed  # same on every machine
     import slimops
+
     model, tok = slimops.load(tmp_path / "pruned")
     ids = torch.tensor([tok("The os module", add_special_tokens=False)["input_ids"]])
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
@@ -64,8 +71,10 @@ def test_data_free_calibration_is_quiet():
     mask, right padding) while sampling calibration text from the model."""
     import logging
     import warnings
+
     from slimops.calibration import sample_from_model
     from slimops.pipeline import load_model
+
     model, tokenizer = load_model(str(REFERENCE_MODEL))
     records = []
     handler = logging.Handler()

@@ -1,6 +1,7 @@
 """search (Search for Efficient LLMs): every candidate GQA-valid and in budget, Alg. 1's
 overlap, fitness on virtual (slice_gemm) layers equal to the materialised model's, reformation
 lowering each layer's output error, determinism, and the end-to-end checkpoint."""
+
 import copy
 import math
 import random
@@ -8,8 +9,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_tiny_bert, make_tiny_model
 
+from helpers import make_tiny_bert, make_tiny_model
 from slimops.methods import search
 from slimops.methods.reformation import admm, refit_columns
 from slimops.methods.saliency import dense_pass
@@ -65,7 +66,9 @@ def test_top_keeps_the_most_salient(space_and_model):
     _, _, stats = space_and_model
     ls = stats[1].space
     gene = Space([s.space for s in stats], 0, "params", 0.3).top(1, 2, 2, 10)
-    assert set(gene.channels) == set(sorted(range(ls.ffn), key=lambda c: -ls.channel_scores[c])[:10])
+    assert set(gene.channels) == set(
+        sorted(range(ls.ffn), key=lambda c: -ls.channel_scores[c])[:10]
+    )
 
 
 @torch.no_grad()
@@ -77,12 +80,13 @@ def test_fitness_equals_the_materialised_model(space_and_model, compensate):
     space = Space([s.space for s in stats], 0, "params", 0.35)
     tokens = calib(4, 24, seed=5)
     from slimops.methods.search_eval import Compensator
+
     comp = Compensator(adapter, stats, "cpu") if compensate else None
     ev = Evaluator(model, adapter, tokens, "ppl", "cpu", batch_size=2, compensator=comp)
     rng = random.Random(3)
     first, _ = search.initial_population(space, search.SearchConfig(ratio=0.35, **FAST), rng)
     cand = first[1]
-    for reuse in range(2):                       # second call: from the prefix cache
+    for _ in range(2):  # second call: from the prefix cache
         got = ev(cand)
         sliced = copy.deepcopy(model)
         if compensate:
@@ -90,11 +94,15 @@ def test_fitness_equals_the_materialised_model(space_and_model, compensate):
                 for role, W in comp(i, g).items():
                     lin = get_adapter(sliced).linear(layer, role)
                     cols = torch.zeros(lin.in_features, dtype=torch.bool)
-                    keep = (torch.as_tensor(g.channels) if role == "down" else
-                            torch.cat([torch.arange(h * 16, h * 16 + 16) for h in g.heads]))
+                    keep = (
+                        torch.as_tensor(g.channels)
+                        if role == "down"
+                        else torch.cat([torch.arange(h * 16, h * 16 + 16) for h in g.heads])
+                    )
                     cols[keep] = True
                     lin.weight[:, cols] = W
         from slimops.plan import PruningPlan
+
         apply_plan(sliced, PruningPlan([g.plan() for g in cand]))
         out = sliced(tokens).logits
         want = math.exp(F.cross_entropy(out[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()))
@@ -103,7 +111,7 @@ def test_fitness_equals_the_materialised_model(space_and_model, compensate):
     mutated[2] = space.resize(2, cand[2], d_ffn=-1)
     before = ev.layers_run
     ev(tuple(mutated))
-    assert ev.layers_run - before == len(ev.inputs)   # only layer 2, per batch: 0-1 reused
+    assert ev.layers_run - before == len(ev.inputs)  # only layer 2, per batch: 0-1 reused
 
 
 def test_reformation_lowers_each_layers_output_error():
@@ -112,22 +120,30 @@ def test_reformation_lowers_each_layers_output_error():
     W = torch.randn(32, 48, generator=g)
     H = X.T @ X / 512
     drop = torch.tensor([3, 7, 8, 20, 21, 40])
-    err = {how: ((X @ refit_columns(W, H, drop, how, 0.01, 1.0, 50).T - X @ W.T) ** 2).mean()
-           for how in ("none", "admm", "obs")}
+    err = {
+        how: ((X @ refit_columns(W, H, drop, how, 0.01, 1.0, 50).T - X @ W.T) ** 2).mean()
+        for how in ("none", "admm", "obs")
+    }
     assert err["obs"] < err["none"] and err["admm"] < err["none"]
-    assert err["obs"] <= err["admm"] * 1.01               # the closed form is the optimum
+    assert err["obs"] <= err["admm"] * 1.01  # the closed form is the optimum
     keep = torch.ones(48, dtype=torch.bool)
     keep[drop] = False
     Z = admm(W, H, keep, rho=1.0, iters=200)
     assert torch.all(Z[:, drop] == 0)
     Hd = H + 0.01 * H.diagonal().mean() * torch.eye(48)
-    torch.testing.assert_close(refit(W, Hd, torch.nonzero(keep).squeeze(1)),
-                               refit_columns(W, H, drop, "obs", 0.01, 1, 1)[:, keep], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        refit(W, Hd, torch.nonzero(keep).squeeze(1)),
+        refit_columns(W, H, drop, "obs", 0.01, 1, 1)[:, keep],
+        rtol=1e-3,
+        atol=1e-3,
+    )
 
 
 def test_same_seed_same_result_and_checkpoint_reload(tmp_path):
     from transformers import AutoModelForCausalLM
+
     from slimops.checkpoint import save_pruned
+
     plans = []
     for _ in range(2):
         model = make_tiny_model("qwen2", layers=2, perturb=True)
@@ -155,9 +171,11 @@ def test_depth_moves_and_dropped_layers_reload(space_and_model, tmp_path):
     all of them); a plan with a dropped layer is reformed, sliced (fewer layers, renumbered
     KV cache) and reloads with stock transformers."""
     from transformers import AutoModelForCausalLM
+
     from slimops.checkpoint import save_pruned
     from slimops.methods.reformation import reform
     from slimops.plan import PruningPlan
+
     _, _, stats = space_and_model
     space = Space([s.space for s in stats], 0, "params", 0.45, depth=True)
     rng = random.Random(0)
@@ -183,8 +201,9 @@ def test_depth_moves_and_dropped_layers_reload(space_and_model, tmp_path):
     ids = calib(2, 10, seed=9)
     out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(model(out[:, :-1]).logits[:, 9:].argmax(-1), out[:, 10:])
-    reloaded = AutoModelForCausalLM.from_pretrained(save_pruned(model, tmp_path / "d", plan=plan),
-                                                    trust_remote_code=True).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        save_pruned(model, tmp_path / "d", plan=plan), trust_remote_code=True
+    ).eval()
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
     model = make_tiny_model("llama", layers=3)
     _, report = prune_model(model, calib(), "search", 0.4, search_depth=True, **FAST)

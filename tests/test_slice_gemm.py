@@ -11,13 +11,20 @@ None / an odd unsorted subset; bias None / present; T = 1, 3, 37 (decode and a p
 import pytest
 import torch
 
-from helpers import (DEVICE, OPCHECK_UTILS, assert_rel_close, needs_cuda, needs_cuda_op, raised,
-                     triton_kernels)
+from helpers import (
+    DEVICE,
+    OPCHECK_UTILS,
+    assert_rel_close,
+    needs_cuda,
+    needs_cuda_op,
+    raised,
+    triton_kernels,
+)
 from slimops import ops  # noqa: F401  (registers the op: C++ kernel or the reference)
 from slimops.kernels.slice_gemm import checks as slice_checks
 from slimops.kernels.slice_gemm import reference as ref
 
-sg_triton, needs_triton = triton_kernels("slice_gemm")   # interpreted on CPU (conftest)
+sg_triton, needs_triton = triton_kernels("slice_gemm")  # interpreted on CPU (conftest)
 
 D_IN, D_OUT = 96, 45
 
@@ -41,8 +48,13 @@ def make_case(T, in_mode, out_subset, with_bias, dtype=torch.float32, device="cp
     in_block, pick = IN_MODES[in_mode]
     in_idx = None if pick is None else pick(g)
     out_idx = torch.randperm(D_OUT, generator=g)[:29] if out_subset else None
-    cast = (lambda t: None if t is None else t.to(device=device, dtype=dtype))
-    move = (lambda t: None if t is None else t.to(device))
+
+    def cast(t):
+        return None if t is None else t.to(device=device, dtype=dtype)
+
+    def move(t):
+        return None if t is None else t.to(device)
+
     return cast(X), cast(W), cast(bias), move(in_idx), move(out_idx), in_block
 
 
@@ -97,17 +109,29 @@ def test_empty_slices(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("in_idx", [[0, 1, 2, 3, 4, 9, 10, 11, 12, 13], [13, 12, 11, 10, 9, 4, 3, 2, 1, 0],
-                                    [3, 4, 5, 6, 7, 8]])
+@pytest.mark.parametrize(
+    "in_idx",
+    [[0, 1, 2, 3, 4, 9, 10, 11, 12, 13], [13, 12, 11, 10, 9, 4, 3, 2, 1, 0], [3, 4, 5, 6, 7, 8]],
+)
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 8e-3)])
 def test_wide_runs(backend, in_idx, T, dtype, tol):
     """Runs of consecutive kept heads >= 128 columns wide: the CPU kernel's per-run GEMM path,
     out of order too (the sum does not depend on the order of kept columns)."""
     g, dev = torch.Generator().manual_seed(1), DEVICE_OF[backend]
-    X, W, bias = torch.randn(T, 512, generator=g), torch.randn(33, 512, generator=g), torch.randn(33, generator=g)
-    args = (X.to(dev, dtype), W.to(dev, dtype), bias.to(dev, dtype), torch.tensor(in_idx, device=dev),
-            torch.tensor([32, 0, 7, 8], device=dev), 32)
+    X, W, bias = (
+        torch.randn(T, 512, generator=g),
+        torch.randn(33, 512, generator=g),
+        torch.randn(33, generator=g),
+    )
+    args = (
+        X.to(dev, dtype),
+        W.to(dev, dtype),
+        bias.to(dev, dtype),
+        torch.tensor(in_idx, device=dev),
+        torch.tensor([32, 0, 7, 8], device=dev),
+        32,
+    )
     assert_same_close(run(backend, *args), ref.slice_gemm(*args), tol)
 
 
@@ -123,7 +147,7 @@ def strided_case(device):
     X = torch.randn(37, D_IN + 5, generator=g).to(device)[:, 5:]
     W = torch.randn(D_IN, D_OUT, generator=g).to(device).T
     bias = torch.randn(2 * D_OUT, generator=g).to(device)[::2]
-    in_idx = torch.tensor([5, 9, 0, 3, 2, 7, 1, 4], device=device)[::2]   # heads 5, 0, 2, 1
+    in_idx = torch.tensor([5, 9, 0, 3, 2, 7, 1, 4], device=device)[::2]  # heads 5, 0, 2, 1
     out_idx = torch.randperm(D_OUT, generator=g).to(device)[:58:2]
     return X, W, bias, in_idx, out_idx, 16
 
@@ -148,11 +172,20 @@ BAD_INPUTS = [
     (lambda dev: _on(dev, _X.int(), _W.int()), "float32, bfloat16 or float16"),
     (lambda dev: _on(dev, _X, _W, in_block=0), "in_block must be >= 1"),
     (lambda dev: _on(dev, _X, _W, None, _IDX, None, 40), "not a multiple of in_block=40"),
-    (lambda dev: _on(dev, _X, _W, None, torch.tensor([6]), None, 16), r"in_idx must lie in \[0, 6\)"),
-    (lambda dev: _on(dev, _X, _W, None, torch.tensor([-1]), None, 16), r"in_idx must lie in \[0, 6\)"),
+    (
+        lambda dev: _on(dev, _X, _W, None, torch.tensor([6]), None, 16),
+        r"in_idx must lie in \[0, 6\)",
+    ),
+    (
+        lambda dev: _on(dev, _X, _W, None, torch.tensor([-1]), None, 16),
+        r"in_idx must lie in \[0, 6\)",
+    ),
     (lambda dev: _on(dev, _X, _W, None, _IDX.int(), None, 16), "in_idx must be int64"),
     (lambda dev: _on(dev, _X, _W, None, _IDX[None], None, 16), "in_idx must be a 1-D tensor"),
-    (lambda dev: _on(dev, _X, _W, None, None, torch.tensor([45])), r"out_idx must lie in \[0, 45\)"),
+    (
+        lambda dev: _on(dev, _X, _W, None, None, torch.tensor([45])),
+        r"out_idx must lie in \[0, 45\)",
+    ),
     (lambda dev: _on(dev, _X, _W, torch.randn(44)), r"bias must have shape \(d_out,\)"),
     (lambda dev: _on(dev, _X, _W, torch.randn(45).double()), "bias must have X's dtype"),
 ]
@@ -171,8 +204,10 @@ def test_python_checks_raise_the_cpp_messages(make, match):
     assert raised(slice_checks.check_inputs, *args) == raised(torch.ops.slimops.slice_gemm, *args)
 
 
-@pytest.mark.parametrize("in_mode,out_subset,with_bias", [
-    ("all", False, False), ("some_heads", True, True), ("channels", True, False)])
+@pytest.mark.parametrize(
+    "in_mode,out_subset,with_bias",
+    [("all", False, False), ("some_heads", True, True), ("channels", True, False)],
+)
 def test_opcheck(in_mode, out_subset, with_bias):
     args = make_case(7, in_mode, out_subset, with_bias)
     torch.library.opcheck(torch.ops.slimops.slice_gemm.default, args, test_utils=OPCHECK_UTILS)
@@ -180,25 +215,32 @@ def test_opcheck(in_mode, out_subset, with_bias):
 
 # --- GPU: real shapes (skipped without a GPU) ------------------------------------------
 
+
 def _llama_case(kind, T, dtype=torch.bfloat16):
     """75% kept slices of LLaMA-7B-shaped weights on the GPU: down_proj (4096 x 11008) with
     75% of its input channels, up_proj (11008 x 4096) with 75% of its rows, o_proj (4096 x
     4096) with 24 of 32 heads of 128."""
     g = torch.Generator().manual_seed(T)
-    d_out, d_in, in_block = {"down": (4096, 11008, 1), "up": (11008, 4096, 1), "o": (4096, 4096, 128)}[kind]
-    X = (torch.randn(T, d_in, generator=g) / d_in ** 0.5).to("cuda", dtype)
+    d_out, d_in, in_block = {
+        "down": (4096, 11008, 1),
+        "up": (11008, 4096, 1),
+        "o": (4096, 4096, 128),
+    }[kind]
+    X = (torch.randn(T, d_in, generator=g) / d_in**0.5).to("cuda", dtype)
     W = torch.randn(d_out, d_in, generator=g).to("cuda", dtype)
     bias = torch.randn(d_out, generator=g).to("cuda", dtype)
     n_blocks = d_in // in_block
-    in_idx = torch.randperm(n_blocks, generator=g)[:n_blocks * 3 // 4].sort().values.cuda()
-    out_idx = torch.randperm(d_out, generator=g)[:d_out * 3 // 4].cuda() if kind == "up" else None
+    in_idx = torch.randperm(n_blocks, generator=g)[: n_blocks * 3 // 4].sort().values.cuda()
+    out_idx = torch.randperm(d_out, generator=g)[: d_out * 3 // 4].cuda() if kind == "up" else None
     if kind == "up":
         in_idx = None
     return X, W, bias, in_idx, out_idx, in_block
 
 
-GPU_BACKENDS = [pytest.param("triton", marks=needs_triton),
-                pytest.param("cuda", marks=needs_cuda_op("slice_gemm"))]
+GPU_BACKENDS = [
+    pytest.param("triton", marks=needs_triton),
+    pytest.param("cuda", marks=needs_cuda_op("slice_gemm")),
+]
 
 
 @needs_cuda
@@ -213,7 +255,9 @@ def test_gpu_llama_shapes(backend, kind, T):
 @needs_cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("in_mode", sorted(IN_MODES))
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 4e-3), (torch.bfloat16, 8e-3)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 1e-5), (torch.float16, 4e-3), (torch.bfloat16, 8e-3)]
+)
 def test_gpu_small_cases(backend, in_mode, dtype, tol):
     for T in (1, 37):
         args = make_case(T, in_mode, True, True, dtype=dtype, device="cuda")

@@ -1,12 +1,13 @@
 """Slicing computes exactly what masking computes, for every family; bad plans fail early."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
-from helpers import logits, input_ids, make_tiny_model, random_gqa_plan
 
+from helpers import input_ids, logits, make_tiny_model, random_gqa_plan
 from slimops.models import get_adapter
 from slimops.plan import LayerPlan, PruningPlan
 from slimops.slicing import apply_plan, mask_layer
@@ -28,8 +29,15 @@ def test_sliced_equals_masked(family):
 
     torch.testing.assert_close(logits(sliced), logits(masked), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(logits(sliced), logits(model), atol=1e-3)  # it did prune
-    got = [dict(zip(("num_attention_heads", "num_key_value_heads", "intermediate_size"),
-                    get_adapter(sliced).layer_shape(layer))) for layer in sliced.model.layers]
+    got = [
+        dict(
+            zip(
+                ("num_attention_heads", "num_key_value_heads", "intermediate_size"),
+                get_adapter(sliced).layer_shape(layer),
+            )
+        )
+        for layer in sliced.model.layers
+    ]
     assert got == plan.shapes()
 
 
@@ -40,20 +48,23 @@ def test_sliced_model_generates_with_cache():
     apply_plan(model, random_gqa_plan(model))
     ids = input_ids()
     out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    full = model(out[:, :-1]).logits[:, ids.shape[1] - 1:].argmax(-1)
-    assert torch.equal(full, out[:, ids.shape[1]:])
+    full = model(out[:, :-1]).logits[:, ids.shape[1] - 1 :].argmax(-1)
+    assert torch.equal(full, out[:, ids.shape[1] :])
 
 
-@pytest.mark.parametrize("heads, kv, match", [
-    ([0, 1, 2], [0, 1], "unequal query-head counts"),     # groups keep 2 and 1 heads
-    ([0, 2], [0], "KV group 1 is not"),                    # head 2 lives in a dropped group
-    ([1, 0], [0], "sorted"),
-])
+@pytest.mark.parametrize(
+    "heads, kv, match",
+    [
+        ([0, 1, 2], [0, 1], "unequal query-head counts"),  # groups keep 2 and 1 heads
+        ([0, 2], [0], "KV group 1 is not"),  # head 2 lives in a dropped group
+        ([1, 0], [0], "sorted"),
+    ],
+)
 def test_plan_breaking_gqa_raises_before_any_change(heads, kv, match):
     model = make_tiny_model("llama", perturb=True)
     before = logits(model)
     plan = random_gqa_plan(model)
-    plan.layers[-1] = LayerPlan(heads, kv, list(range(10)))   # bad LAST layer
+    plan.layers[-1] = LayerPlan(heads, kv, list(range(10)))  # bad LAST layer
     with pytest.raises(ValueError, match=match):
         apply_plan(model, plan)
     # all layers are checked before any is sliced: the model is untouched

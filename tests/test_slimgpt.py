@@ -1,4 +1,5 @@
 """SlimGPT: fast path vs the paper-faithful reference, ratio contract, GQA validity, OBS."""
+
 import copy
 
 import pytest
@@ -33,8 +34,14 @@ def test_fast_path_matches_reference(family):
 @pytest.mark.parametrize("schedule", ["log", "linear", "uniform", [0.1, 0.3, 0.5]])
 @pytest.mark.parametrize("ratio", [0.2, 0.5])
 def test_ratio_contract_and_gqa(schedule, ratio):
-    model = make_tiny_model("llama", layers=3, num_attention_heads=8, num_key_value_heads=2,
-                            hidden_size=128, intermediate_size=344)
+    model = make_tiny_model(
+        "llama",
+        layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        hidden_size=128,
+        intermediate_size=344,
+    )
     if isinstance(schedule, list):
         ratio = sum(schedule) / len(schedule)
     plan, report = prune_model(model, calib(), "slimgpt", ratio, schedule)
@@ -43,7 +50,7 @@ def test_ratio_contract_and_gqa(schedule, ratio):
     for layer, shape in zip(adapter.layers(), plan.shapes()):
         nh, nkv, ffn = adapter.layer_shape(layer)
         assert (nh, nkv, ffn) == tuple(shape.values())
-        assert nh % nkv == 0                          # still valid GQA
+        assert nh % nkv == 0  # still valid GQA
     assert torch.isfinite(model(calib(2)).logits).all()
 
 
@@ -61,8 +68,9 @@ def test_obs_compensation_beats_plain_masking():
     kept, kv, removed = slimgpt.prune_heads(solver, 4, 4, 16, {"head": 1, "kv_head": 1}, 4)
     assert len(kept) == 2 and removed == 4
     masked = W.clone()
-    dropped = sorted(set(range(64)) - set(torch.cat(
-        [torch.arange(h * 16, (h + 1) * 16) for h in kept]).tolist()))
+    dropped = sorted(
+        set(range(64)) - set(torch.cat([torch.arange(h * 16, (h + 1) * 16) for h in kept]).tolist())
+    )
     masked[:, dropped] = 0
     ref_out = X @ W.T
     err_obs = (X @ solver.W.T - ref_out).pow(2).sum()
@@ -72,7 +80,7 @@ def test_obs_compensation_beats_plain_masking():
 
 def test_gqa_whole_group_removed_when_it_is_useless():
     X, W, H = _layer_problem(seed=1)
-    W[:, 32:] = 0                    # KV group 1 (heads 2, 3) contributes nothing
+    W[:, 32:] = 0  # KV group 1 (heads 2, 3) contributes nothing
     Hd, _ = damp_hessian(H, W)
     costs = {"head": 2, "kv_head": 2}
     kept, kv, _ = slimgpt.prune_heads(ObsSolver(W.clone(), Hd), 4, 2, 16, costs, 6)
@@ -81,11 +89,12 @@ def test_gqa_whole_group_removed_when_it_is_useless():
 
 def test_gqa_one_head_per_group_when_cheaper():
     X, W, H = _layer_problem(seed=2)
-    W[:, 16:32] *= 1e-3               # head 1 (group 0) and head 3 (group 1) nearly useless
+    W[:, 16:32] *= 1e-3  # head 1 (group 0) and head 3 (group 1) nearly useless
     W[:, 48:64] *= 1e-3
     Hd, _ = damp_hessian(H, W)
-    kept, kv, _ = slimgpt.prune_heads(ObsSolver(W.clone(), Hd), 4, 2, 16,
-                                      {"head": 2, "kv_head": 2}, 4)
+    kept, kv, _ = slimgpt.prune_heads(
+        ObsSolver(W.clone(), Hd), 4, 2, 16, {"head": 2, "kv_head": 2}, 4
+    )
     assert kv == [0, 1] and kept == [0, 2]
 
 
@@ -116,7 +125,7 @@ def test_schedules():
         r = layer_ratios(kind, 0.3, 8)
         assert abs(sum(r) / 8 - 0.3) < 1e-9 and all(0 <= x < 1 for x in r)
     log = layer_ratios("log", 0.3, 8)
-    assert log == sorted(log) and log[0] == 0.0       # early layers keep more
+    assert log == sorted(log) and log[0] == 0.0  # early layers keep more
     high = layer_ratios("log", 0.7, 8)
     assert max(high) <= 0.9 + 1e-9 and abs(sum(high) / 8 - 0.7) < 1e-9
     with pytest.raises(ValueError, match="layers"):
@@ -127,6 +136,7 @@ def test_schedules():
 
 def test_unsupported_family_lists_supported():
     from transformers import GPT2Config, GPT2LMHeadModel
+
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="supports .*llama.*qwen3"):
         get_adapter(model)

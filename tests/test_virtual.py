@@ -1,12 +1,13 @@
 """Virtual pruning (slimops/virtual.py): a layer run through slice_gemm views of its dense
 weights computes what the materialised, sliced layer computes, and is restored after."""
+
 import copy
 from contextlib import ExitStack
 
 import pytest
 import torch
-from helpers import FAMILIES, input_ids, make_tiny_bert, make_tiny_model, random_gqa_plan
 
+from helpers import FAMILIES, input_ids, make_tiny_bert, make_tiny_model, random_gqa_plan
 from slimops.models import get_adapter
 from slimops.slicing import apply_plan
 from slimops.virtual import virtual_layer
@@ -35,7 +36,7 @@ def test_virtual_equals_materialised(family):
         got = output(model, ids)
     sliced = apply_plan(copy.deepcopy(model), plan)
     torch.testing.assert_close(got, output(sliced, ids), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(output(model, ids), before, atol=0, rtol=0)   # restored
+    torch.testing.assert_close(output(model, ids), before, atol=0, rtol=0)  # restored
 
 
 @torch.no_grad()

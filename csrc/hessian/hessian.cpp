@@ -10,14 +10,15 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "checks.h"
-
 #include <algorithm>
+
+#include "checks.h"
 
 namespace slimops {
 namespace {
 
-// Panels, not tile tasks: 1.35-1.60x torch's addmm idle and under load, tasks 0.75-1.37x (benchmarks/RESULTS.md).
+// Panels, not tile tasks: 1.35-1.60x torch's addmm idle and under load, tasks 0.75-1.37x
+// (benchmarks/RESULTS.md).
 constexpr int64_t kPanels = 4;
 // Narrower panels lose GEMM efficiency; below 2 * kMinPanel columns H is one panel (a full
 // GEMM: tiny d, where the halved flops do not matter).
@@ -58,8 +59,8 @@ void syrk_panels(const at::Tensor& H, const at::Tensor& Xf, double scale) {
 }
 
 // Accumulate rows of X (all of them, or those listed in `rows`) into H (d, d).
-void accumulate_rows(const at::Tensor& H, const at::Tensor& X, const c10::optional<at::Tensor>& rows,
-                     double scale) {
+void accumulate_rows(const at::Tensor& H, const at::Tensor& X,
+                     const c10::optional<at::Tensor>& rows, double scale) {
   if (!rows && X.scalar_type() == at::kFloat) {  // fp32 X is read in place: all rows in one pass
     syrk_panels(H, as_blas_fp32(X), scale);
     return;
@@ -68,13 +69,14 @@ void accumulate_rows(const at::Tensor& H, const at::Tensor& X, const c10::option
   const int64_t chunk = std::max(kMinChunkRows, kChunkBytes / (4 * X.size(1)));
   for (int64_t start = 0; start < count; start += chunk) {
     const int64_t n = std::min(chunk, count - start);
-    const at::Tensor part = rows ? X.index_select(0, rows->narrow(0, start, n)) : X.narrow(0, start, n);
+    const at::Tensor part =
+        rows ? X.index_select(0, rows->narrow(0, start, n)) : X.narrow(0, start, n);
     syrk_panels(H, as_blas_fp32(part), scale);
   }
 }
 
-void hessian_accumulate_cpu(const at::Tensor& H, const at::Tensor& X, const c10::optional<at::Tensor>& group_ids,
-                            double scale) {
+void hessian_accumulate_cpu(const at::Tensor& H, const at::Tensor& X,
+                            const c10::optional<at::Tensor>& group_ids, double scale) {
   check_hessian_inputs(H, X, group_ids);
   if (X.size(0) == 0 || X.size(1) == 0) return;
   const int64_t G = H.size(0);
@@ -83,7 +85,8 @@ void hessian_accumulate_cpu(const at::Tensor& H, const at::Tensor& X, const c10:
     return;
   }
   // Sort rows by group once; each group is then a contiguous slice of `order`.
-  const at::Tensor order = std::get<1>(at::sort(*group_ids, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  const at::Tensor order =
+      std::get<1>(at::sort(*group_ids, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   const at::Tensor counts = at::bincount(*group_ids, {}, G).cpu();
   const int64_t* cnt = counts.data_ptr<int64_t>();
   int64_t offset = 0;

@@ -10,10 +10,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "checks.h"
 #include "ieee_matmul.h"
-
-#include <limits>
 
 namespace slimops {
 namespace {
@@ -27,7 +27,8 @@ at::Tensor lower_inverse(const at::Tensor& L) {
   return at::linalg_solve_triangular(L, at::eye(s, L.options()).expand(L.sizes()), /*upper=*/false);
 }
 
-at::Tensor obs_group_errors_cpu(const at::Tensor& W, const at::Tensor& Hinv, const at::Tensor& groups) {
+at::Tensor obs_group_errors_cpu(const at::Tensor& W, const at::Tensor& Hinv,
+                                const at::Tensor& groups) {
   check_errors_inputs(W, Hinv, groups);
   const int64_t B = groups.size(0), s = groups.size(1), r = W.size(0);
   if (B == 0 || s == 0) return at::zeros({B}, W.options());
@@ -36,7 +37,8 @@ at::Tensor obs_group_errors_cpu(const at::Tensor& W, const at::Tensor& Hinv, con
   // then one batched Cholesky scores all groups at once. at::take on linear indices reads
   // only the B*s*s block entries (gathering the B*s rows first would copy a d x d matrix
   // when the groups tile all columns: 484 MB at d=11008).
-  const at::Tensor blocks = at::take(Hinv, groups.unsqueeze(2) * Hinv.size(1) + groups.unsqueeze(1));
+  const at::Tensor blocks =
+      at::take(Hinv, groups.unsqueeze(2) * Hinv.size(1) + groups.unsqueeze(1));
   const at::Tensor Ws = W.index_select(1, groups.reshape({-1})).view({r, B, s}).permute({1, 0, 2});
   auto [L, info] = at::linalg_cholesky_ex(blocks);
   const at::Tensor Z = ieee_matmul(Ws, lower_inverse(L).transpose(1, 2));  // W_S L^-T  (B, r, s)
@@ -46,11 +48,12 @@ at::Tensor obs_group_errors_cpu(const at::Tensor& W, const at::Tensor& Hinv, con
   return err.masked_fill_(info > 0, std::numeric_limits<float>::infinity());
 }
 
-at::Tensor obs_group_update_cpu(const at::Tensor& W, const at::Tensor& Hinv, const at::Tensor& idx) {
+at::Tensor obs_group_update_cpu(const at::Tensor& W, const at::Tensor& Hinv,
+                                const at::Tensor& idx) {
   check_update_inputs(W, Hinv, idx);
   if (idx.numel() == 0) return at::zeros({}, W.options().dtype(at::kInt));
 
-  const at::Tensor rows = Hinv.index_select(0, idx);  // Hinv[S, :]  (s, d)
+  const at::Tensor rows = Hinv.index_select(0, idx);   // Hinv[S, :]  (s, d)
   const at::Tensor block = rows.index_select(1, idx);  // Hinv[S, S]  (s, s)
   auto [L, info] = at::linalg_cholesky_ex(block);
   // Not PD: the downdate has lost definiteness; leave W and Hinv untouched so the caller

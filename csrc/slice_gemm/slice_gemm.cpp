@@ -14,10 +14,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "checks.h"
-
 #include <utility>
 #include <vector>
+
+#include "checks.h"
 
 namespace slimops {
 namespace {
@@ -49,8 +49,10 @@ at::Tensor expand_blocks(const at::Tensor& in_idx, int64_t in_block) {
 
 // Yc (T, n) = bias_c, or zero: the accumulator every product below adds into.
 void init_out(at::Tensor& Yc, const at::Tensor& bias_c) {
-  if (bias_c.defined()) Yc.copy_(bias_c.unsqueeze(0).expand_as(Yc));
-  else Yc.zero_();
+  if (bias_c.defined())
+    Yc.copy_(bias_c.unsqueeze(0).expand_as(Yc));
+  else
+    Yc.zero_();
 }
 
 // Runs of consecutive kept blocks as (first column, width): sorted kept heads give a few
@@ -61,21 +63,25 @@ std::vector<std::pair<int64_t, int64_t>> column_runs(const at::Tensor& in_idx, i
   std::vector<std::pair<int64_t, int64_t>> runs;
   for (int64_t i = 0; i < idx.numel(); ++i) {
     const int64_t col = b[i] * in_block;
-    if (!runs.empty() && runs.back().first + runs.back().second == col) runs.back().second += in_block;
-    else runs.emplace_back(col, in_block);
+    if (!runs.empty() && runs.back().first + runs.back().second == col)
+      runs.back().second += in_block;
+    else
+      runs.emplace_back(col, in_block);
   }
   return runs;
 }
 
 // Rows j0 .. j0+n of the kept rows of W (a view when out_idx is None).
-at::Tensor weight_rows(const at::Tensor& W, const c10::optional<at::Tensor>& out_idx, int64_t j0, int64_t n) {
+at::Tensor weight_rows(const at::Tensor& W, const c10::optional<at::Tensor>& out_idx, int64_t j0,
+                       int64_t n) {
   return out_idx ? W.index_select(0, out_idx->narrow(0, j0, n)) : W.narrow(0, j0, n);
 }
 
 // Wide runs: one GEMM per run on strided views of X and W, so W's columns are never
 // gathered (fp32 W is not copied at all without out_idx; 16-bit W is upcast row-contiguously).
-void slice_gemm_runs(at::Tensor& Y, const at::Tensor& X, const at::Tensor& W, const at::Tensor& bias_f,
-                     const c10::optional<at::Tensor>& out_idx, const std::vector<std::pair<int64_t, int64_t>>& runs) {
+void slice_gemm_runs(at::Tensor& Y, const at::Tensor& X, const at::Tensor& W,
+                     const at::Tensor& bias_f, const c10::optional<at::Tensor>& out_idx,
+                     const std::vector<std::pair<int64_t, int64_t>>& runs) {
   const at::Tensor Xf = X.to(at::kFloat);
   for (int64_t j0 = 0; j0 < Y.size(1); j0 += kChunkRows) {
     const int64_t n = std::min(kChunkRows, Y.size(1) - j0);
@@ -89,8 +95,9 @@ void slice_gemm_runs(at::Tensor& Y, const at::Tensor& X, const at::Tensor& W, co
 // Otherwise: gather X's kept columns once (fp32), W's slice chunk by chunk (fp32), one GEMM
 // per chunk written straight into its column block of Y. Upcast before the column gather:
 // measured 25-31 ms against 50-75 ms the other way round (2048 x 5504 bf16, 75% kept).
-void slice_gemm_gather(at::Tensor& Y, const at::Tensor& X, const at::Tensor& W, const at::Tensor& bias_f,
-                       const c10::optional<at::Tensor>& out_idx, const at::Tensor& cols) {
+void slice_gemm_gather(at::Tensor& Y, const at::Tensor& X, const at::Tensor& W,
+                       const at::Tensor& bias_f, const c10::optional<at::Tensor>& out_idx,
+                       const at::Tensor& cols) {
   const at::Tensor Xf = X.to(at::kFloat);
   const at::Tensor Xs = cols.defined() ? Xf.index_select(1, cols) : Xf.contiguous();
   for (int64_t j0 = 0; j0 < Y.size(1); j0 += kChunkRows) {
@@ -104,26 +111,31 @@ void slice_gemm_gather(at::Tensor& Y, const at::Tensor& X, const at::Tensor& W, 
 }
 
 // Y (T, |J|) in X's dtype, inputs already checked.
-at::Tensor slice_gemm_impl(const at::Tensor& X, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
-                           const c10::optional<at::Tensor>& in_idx, const c10::optional<at::Tensor>& out_idx,
-                           int64_t in_block) {
+at::Tensor slice_gemm_impl(const at::Tensor& X, const at::Tensor& W,
+                           const c10::optional<at::Tensor>& bias,
+                           const c10::optional<at::Tensor>& in_idx,
+                           const c10::optional<at::Tensor>& out_idx, int64_t in_block) {
   const int64_t n_out = out_idx ? out_idx->numel() : W.size(0);
   at::Tensor bias_f;  // bias of the kept rows, fp32 (added before the single final rounding)
   if (bias) bias_f = (out_idx ? bias->index_select(0, *out_idx) : *bias).to(at::kFloat);
   at::Tensor Y = at::empty({X.size(0), n_out}, X.options().dtype(at::kFloat));
 
-  const auto runs = in_idx ? column_runs(*in_idx, in_block) : std::vector<std::pair<int64_t, int64_t>>();
-  if (!runs.empty() && in_idx->numel() * in_block >= kMinRunCols * static_cast<int64_t>(runs.size())) {
+  const auto runs =
+      in_idx ? column_runs(*in_idx, in_block) : std::vector<std::pair<int64_t, int64_t>>();
+  if (!runs.empty() &&
+      in_idx->numel() * in_block >= kMinRunCols * static_cast<int64_t>(runs.size())) {
     slice_gemm_runs(Y, X, W, bias_f, out_idx, runs);
   } else {
-    slice_gemm_gather(Y, X, W, bias_f, out_idx, in_idx ? expand_blocks(*in_idx, in_block) : at::Tensor());
+    slice_gemm_gather(Y, X, W, bias_f, out_idx,
+                      in_idx ? expand_blocks(*in_idx, in_block) : at::Tensor());
   }
   return X.scalar_type() == at::kFloat ? Y : Y.to(X.scalar_type());
 }
 
-at::Tensor slice_gemm_cpu(const at::Tensor& X, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
-                          const c10::optional<at::Tensor>& in_idx, const c10::optional<at::Tensor>& out_idx,
-                          int64_t in_block) {
+at::Tensor slice_gemm_cpu(const at::Tensor& X, const at::Tensor& W,
+                          const c10::optional<at::Tensor>& bias,
+                          const c10::optional<at::Tensor>& in_idx,
+                          const c10::optional<at::Tensor>& out_idx, int64_t in_block) {
   check_slice_gemm_inputs(X, W, bias, in_idx, out_idx, in_block, /*check_values=*/true);
   // Decode-sized T is bound by reading W: computing every row and keeping |J| of the outputs
   // reads d_out rows once, where gathering the kept rows first reads, writes and re-reads
@@ -137,6 +149,4 @@ at::Tensor slice_gemm_cpu(const at::Tensor& X, const at::Tensor& W, const c10::o
 }  // namespace
 }  // namespace slimops
 
-TORCH_LIBRARY_IMPL(slimops, CPU, m) {
-  m.impl("slice_gemm", &slimops::slice_gemm_cpu);
-}
+TORCH_LIBRARY_IMPL(slimops, CPU, m) { m.impl("slice_gemm", &slimops::slice_gemm_cpu); }

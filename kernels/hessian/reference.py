@@ -7,11 +7,13 @@ product, so the accumulation is always fp32. The result is unnormalised: callers
 once at the end. G = 1 with `group_ids=None` is the dense case (one H for q/k/v, one for
 gate/up ...); several groups are MoE experts fed by routed rows.
 """
+
 import torch
 
 
-def hessian_accumulate(H: torch.Tensor, X: torch.Tensor, group_ids: torch.Tensor | None = None,
-                       scale: float = 1.0) -> None:
+def hessian_accumulate(
+    H: torch.Tensor, X: torch.Tensor, group_ids: torch.Tensor | None = None, scale: float = 1.0
+) -> None:
     """In place: H[g] += scale * X[group_ids == g].T @ X[group_ids == g]."""
     X = X.reshape(-1, X.shape[-1]).float()
     if group_ids is None:

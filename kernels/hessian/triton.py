@@ -17,6 +17,7 @@ Design:
   * fp32 X follows torch's own switch for the reference's matmul: IEEE fp32 products when
     torch.get_float32_matmul_precision() == "highest" (the default), TF32 otherwise.
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,9 +52,22 @@ CONFIGS = _configs()
 # the launcher tunes on a scratch H instead (_tune_on_scratch).
 @triton.autotune(configs=CONFIGS, key=["d", "GATHER", "UPCAST", "PRECISION"])
 @triton.jit
-def _hessian_syrk_kernel(H_ptr, X_ptr, rows_ptr, offsets_ptr, T, d, stride_xt, stride_xd, scale,
-                         GATHER: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+def _hessian_syrk_kernel(
+    H_ptr,
+    X_ptr,
+    rows_ptr,
+    offsets_ptr,
+    T,
+    d,
+    stride_xt,
+    stride_xd,
+    scale,
+    GATHER: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     # pid -> (ti, tj), ti >= tj, with pid = ti*(ti+1)/2 + tj. The fp32 sqrt can be off by
@@ -86,10 +100,12 @@ def _hessian_syrk_kernel(H_ptr, X_ptr, rows_ptr, offsets_ptr, T, d, stride_xt, s
             src = r
         src = src.to(tl.int64) * stride_xt  # int64: T*d passes 2^31 at d=11008
         # A = X_i^T (BLOCK_D, BLOCK_K) and B = X_j (BLOCK_K, BLOCK_D), zero outside bounds.
-        a = tl.load(X_ptr + col_i[:, None] + src[None, :],
-                    mask=in_i[:, None] & in_r[None, :], other=0.0)
-        b = tl.load(X_ptr + src[:, None] + col_j[None, :],
-                    mask=in_r[:, None] & in_j[None, :], other=0.0)
+        a = tl.load(
+            X_ptr + col_i[:, None] + src[None, :], mask=in_i[:, None] & in_r[None, :], other=0.0
+        )
+        b = tl.load(
+            X_ptr + src[:, None] + col_j[None, :], mask=in_r[:, None] & in_j[None, :], other=0.0
+        )
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -134,8 +150,20 @@ def _launch(H, X, rows, offsets, groups, gather, scale):
         tiles = triton.cdiv(d, meta["BLOCK_D"])
         return (tiles * (tiles + 1) // 2, groups)
 
-    _hessian_syrk_kernel[grid](H, X, rows, offsets, T, d, X.stride(0), X.stride(1), float(scale),
-                               GATHER=gather, UPCAST=INTERPRET, PRECISION=_precision(X))
+    _hessian_syrk_kernel[grid](
+        H,
+        X,
+        rows,
+        offsets,
+        T,
+        d,
+        X.stride(0),
+        X.stride(1),
+        float(scale),
+        GATHER=gather,
+        UPCAST=INTERPRET,
+        PRECISION=_precision(X),
+    )
 
 
 def _tune_on_scratch(X, rows, offsets, gather):
@@ -152,21 +180,31 @@ def _tune_on_scratch(X, rows, offsets, gather):
     _launch(scratch, X, rows, offsets, 1, gather, 1.0)
 
 
-def hessian_accumulate(H: torch.Tensor, X: torch.Tensor, group_ids: torch.Tensor | None = None,
-                       scale: float = 1.0, *, check_indices: bool = True) -> None:
+def hessian_accumulate(
+    H: torch.Tensor,
+    X: torch.Tensor,
+    group_ids: torch.Tensor | None = None,
+    scale: float = 1.0,
+    *,
+    check_indices: bool = True,
+) -> None:
     """In place: H[g] += scale * X[group_ids == g].T @ X[group_ids == g] (Triton SYRK).
     H (G, d, d) fp32 contiguous; X (T, d) fp32/bf16/fp16, any strides; group_ids (T,) int64.
     check_indices=False skips the group-id range check (a device sync) for trusted ids."""
     check_inputs(H, X, group_ids, check_indices)
     check_triton_device(OP, H)
     G = H.shape[0]
-    check(group_ids is None or G <= 65535, OP, f"at most 65535 groups per launch (grid axis 1), got G={G}")
+    check(
+        group_ids is None or G <= 65535,
+        OP,
+        f"at most 65535 groups per launch (grid axis 1), got G={G}",
+    )
     T, d = X.shape
     if T == 0 or d == 0:
         return
     gather = group_ids is not None and G > 1  # G == 1: every id is 0 (checked), no gather
     if gather:
-        rows = torch.sort(group_ids, stable=True).indices        # rows of group g are contiguous
+        rows = torch.sort(group_ids, stable=True).indices  # rows of group g are contiguous
         offsets = torch.zeros(G + 1, dtype=torch.int64, device=H.device)
         torch.cumsum(torch.bincount(group_ids, minlength=G), 0, out=offsets[1:])
     else:

@@ -11,6 +11,7 @@ SparseGPT / SlimGPT):
 The downdate is the Schur complement: on the kept columns R it equals (H[R, R])^-1, so one
 downdate replaces a refactorisation of H (about 2*d^2*s flops instead of ~d^3).
 """
+
 import torch
 
 
@@ -39,8 +40,8 @@ def group_update(W: torch.Tensor, Hinv: torch.Tensor, idx: torch.Tensor) -> None
     """
     block = Hinv[idx][:, idx]
     L = torch.linalg.cholesky(block)
-    rows = Hinv[idx, :]                                  # (s, d)
-    coeff = torch.cholesky_solve(rows, L)                # (Hinv[S,S])^-1 Hinv[S,:]
+    rows = Hinv[idx, :]  # (s, d)
+    coeff = torch.cholesky_solve(rows, L)  # (Hinv[S,S])^-1 Hinv[S,:]
     W -= W[:, idx] @ coeff
     Hinv -= rows.T @ coeff
     W[:, idx] = 0

@@ -20,6 +20,7 @@ flop/byte on an H100) for CUDA cores. Register budgets from ptxas for sm_90a (co
 offline): the tile shapes below have no spills (the s=128 Cholesky spills ~100 B); timings
 untuned.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,9 @@ _DOT = tl.constexpr("tf32x3")
 
 
 @triton.jit
-def _obs_block_cholesky_kernel(hinv_ptr, groups_ptr, linv_ptr, info_ptr, s, stride_hm, stride_hn,
-                               BLOCK_S: tl.constexpr):
+def _obs_block_cholesky_kernel(
+    hinv_ptr, groups_ptr, linv_ptr, info_ptr, s, stride_hm, stride_hn, BLOCK_S: tl.constexpr
+):
     """Program b: gather Hinv[S_b, S_b], factor it (right-looking Cholesky, column by column),
     invert the factor, store L^-1 (s, s) and info (first non-positive pivot + 1, else 0)."""
     b = tl.program_id(0)
@@ -79,8 +81,19 @@ def _obs_block_cholesky_kernel(hinv_ptr, groups_ptr, linv_ptr, info_ptr, s, stri
 
 
 @triton.jit
-def _obs_group_errors_kernel(w_ptr, groups_ptr, linv_ptr, part_ptr, r, s, n_rb, stride_wm, stride_wn,
-                             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _obs_group_errors_kernel(
+    w_ptr,
+    groups_ptr,
+    linv_ptr,
+    part_ptr,
+    r,
+    s,
+    n_rb,
+    stride_wm,
+    stride_wn,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Program (b, rb): sum of squares of rows rb of Y = W[:, S_b] L_b^-T, one partial per
     program (no atomics: the sum stays deterministic)."""
     b = tl.program_id(0)
@@ -95,18 +108,33 @@ def _obs_group_errors_kernel(w_ptr, groups_ptr, linv_ptr, part_ptr, r, s, n_rb, 
             offs_j = j0 + tl.arange(0, BLOCK_K)
             jmask = offs_j < s
             g = tl.load(groups_ptr + b * s + offs_j, mask=jmask, other=0).to(tl.int64)
-            w = tl.load(w_ptr + offs_r[:, None].to(tl.int64) * stride_wm + g[None, :] * stride_wn,
-                        mask=rmask[:, None] & jmask[None, :], other=0.0)
-            lt = tl.load(linv_ptr + b * s * s + offs_k[None, :] * s + offs_j[:, None],
-                         mask=jmask[:, None] & (offs_k < s)[None, :], other=0.0)  # L^-T tile
+            w = tl.load(
+                w_ptr + offs_r[:, None].to(tl.int64) * stride_wm + g[None, :] * stride_wn,
+                mask=rmask[:, None] & jmask[None, :],
+                other=0.0,
+            )
+            lt = tl.load(
+                linv_ptr + b * s * s + offs_k[None, :] * s + offs_j[:, None],
+                mask=jmask[:, None] & (offs_k < s)[None, :],
+                other=0.0,
+            )  # L^-T tile
             y += tl.dot(w, lt, input_precision=_DOT)
         sq += y * y
     tl.store(part_ptr + b * n_rb + rb, tl.sum(tl.sum(sq, axis=1), axis=0))
 
 
 @triton.jit
-def _obs_downdate_kernel(hinv_ptr, v_ptr, removed_ptr, d, s, stride_hm, stride_hn,
-                         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+def _obs_downdate_kernel(
+    hinv_ptr,
+    v_ptr,
+    removed_ptr,
+    d,
+    s,
+    stride_hm,
+    stride_hn,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Tile (m, n), m >= n, of Hinv -= V^T V, written to (m, n) and mirrored to (n, m);
     rows/cols in S are set to exact zeros in the same pass. Upper tiles exit at once, so
     half the flops and half the Hinv reads of a full GEMM update."""
@@ -122,8 +150,12 @@ def _obs_downdate_kernel(hinv_ptr, v_ptr, removed_ptr, d, s, stride_hm, stride_h
     for k0 in range(0, s, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mk = offs_k < s
-        vt = tl.load(v_ptr + offs_k[None, :] * d + offs_m[:, None], mask=mk[None, :] & mm[:, None], other=0.0)
-        v = tl.load(v_ptr + offs_k[:, None] * d + offs_n[None, :], mask=mk[:, None] & mn[None, :], other=0.0)
+        vt = tl.load(
+            v_ptr + offs_k[None, :] * d + offs_m[:, None], mask=mk[None, :] & mm[:, None], other=0.0
+        )
+        v = tl.load(
+            v_ptr + offs_k[:, None] * d + offs_n[None, :], mask=mk[:, None] & mn[None, :], other=0.0
+        )
         acc += tl.dot(vt, v, input_precision=_DOT)
     om = offs_m[:, None].to(tl.int64)
     on = offs_n[None, :].to(tl.int64)
@@ -141,8 +173,20 @@ def _obs_downdate_kernel(hinv_ptr, v_ptr, removed_ptr, d, s, stride_hm, stride_h
 
 
 @triton.jit
-def _obs_weight_update_kernel(w_ptr, u_ptr, v_ptr, removed_ptr, r, d, s, stride_wm, stride_wn,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _obs_weight_update_kernel(
+    w_ptr,
+    u_ptr,
+    v_ptr,
+    removed_ptr,
+    r,
+    d,
+    s,
+    stride_wm,
+    stride_wn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Tile of W -= U^T V (U (s, r), V (s, d)); columns in S become exact zeros."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -152,10 +196,16 @@ def _obs_weight_update_kernel(w_ptr, u_ptr, v_ptr, removed_ptr, r, d, s, stride_
     for k0 in range(0, s, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mk = offs_k < s
-        ut = tl.load(u_ptr + offs_k[None, :] * r + offs_m[:, None], mask=mk[None, :] & mm[:, None], other=0.0)
-        v = tl.load(v_ptr + offs_k[:, None] * d + offs_n[None, :], mask=mk[:, None] & mn[None, :], other=0.0)
+        ut = tl.load(
+            u_ptr + offs_k[None, :] * r + offs_m[:, None], mask=mk[None, :] & mm[:, None], other=0.0
+        )
+        v = tl.load(
+            v_ptr + offs_k[:, None] * d + offs_n[None, :], mask=mk[:, None] & mn[None, :], other=0.0
+        )
         acc += tl.dot(ut, v, input_precision=_DOT)
-    ptrs = w_ptr + offs_m[:, None].to(tl.int64) * stride_wm + offs_n[None, :].to(tl.int64) * stride_wn
+    ptrs = (
+        w_ptr + offs_m[:, None].to(tl.int64) * stride_wm + offs_n[None, :].to(tl.int64) * stride_wn
+    )
     inside = mm[:, None] & mn[None, :]
     w = tl.load(ptrs, mask=inside, other=0.0) - acc
     gone = tl.load(removed_ptr + offs_n, mask=mn, other=0) != 0
@@ -164,12 +214,15 @@ def _obs_weight_update_kernel(w_ptr, u_ptr, v_ptr, removed_ptr, r, d, s, stride_
 
 # --- host side ------------------------------------------------------------------------------
 
+
 def _dot_block(s: int) -> int:
     # tl.dot needs >= 16 on every side; 64 spills the tf32x3 tiles below (ptxas, sm_90a)
     return max(16, min(32, triton.next_power_of_2(s)))
 
 
-def block_cholesky_inverse(Hinv: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def block_cholesky_inverse(
+    Hinv: torch.Tensor, groups: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_b^-1 (B, s, s), info (B,) int32) for L_b L_b^T = Hinv[S_b, S_b]; groups (B, s) int64."""
     B, s = groups.shape
     if s > MAX_REGISTER_S:
@@ -179,7 +232,9 @@ def block_cholesky_inverse(Hinv: torch.Tensor, groups: torch.Tensor) -> tuple[to
         blocks = Hinv[groups.unsqueeze(2), groups.unsqueeze(1)]
         L, info = torch.linalg.cholesky_ex(blocks)
         eye = torch.eye(s, device=Hinv.device, dtype=Hinv.dtype).expand(B, s, s)
-        linv = torch.linalg.solve_triangular(L, eye, upper=False)  # LAPACK may return it column-major
+        linv = torch.linalg.solve_triangular(
+            L, eye, upper=False
+        )  # LAPACK may return it column-major
         return linv.contiguous(), info.to(torch.int32)
     groups = groups.contiguous()
     linv = torch.empty(B, s, s, device=Hinv.device, dtype=torch.float32)
@@ -189,13 +244,23 @@ def block_cholesky_inverse(Hinv: torch.Tensor, groups: torch.Tensor) -> tuple[to
     # at 128 16 warps spill ~100 B where 8 warps hit 255 registers and spill more
     warps = 4 if block_s <= 32 else (8 if block_s == 64 else 16)
     with on_device(Hinv):
-        _obs_block_cholesky_kernel[(B,)](Hinv, groups, linv, info, s, Hinv.stride(0), Hinv.stride(1),
-                                         BLOCK_S=block_s, num_warps=warps)
+        _obs_block_cholesky_kernel[(B,)](
+            Hinv,
+            groups,
+            linv,
+            info,
+            s,
+            Hinv.stride(0),
+            Hinv.stride(1),
+            BLOCK_S=block_s,
+            num_warps=warps,
+        )
     return linv, info
 
 
-def obs_group_errors(W: torch.Tensor, Hinv: torch.Tensor, groups: torch.Tensor, *,
-                     check_indices: bool = True) -> torch.Tensor:
+def obs_group_errors(
+    W: torch.Tensor, Hinv: torch.Tensor, groups: torch.Tensor, *, check_indices: bool = True
+) -> torch.Tensor:
     """OBS error of removing each group (B,) fp32; +inf where Hinv[S_b, S_b] is not PD.
     check_indices=False skips the range check of groups (a device sync) for trusted indices."""
     check_errors_inputs(W, Hinv, groups, check_indices)
@@ -209,8 +274,20 @@ def obs_group_errors(W: torch.Tensor, Hinv: torch.Tensor, groups: torch.Tensor, 
     n_rb = max(1, triton.cdiv(r, block_r))  # r == 0 still gets one (empty) program per group
     part = torch.empty(B, n_rb, device=W.device, dtype=torch.float32)
     with on_device(W):
-        _obs_group_errors_kernel[(B, n_rb)](W, groups, linv, part, r, s, n_rb, W.stride(0), W.stride(1),
-                                            BLOCK_R=block_r, BLOCK_K=_dot_block(s), num_warps=4)
+        _obs_group_errors_kernel[(B, n_rb)](
+            W,
+            groups,
+            linv,
+            part,
+            r,
+            s,
+            n_rb,
+            W.stride(0),
+            W.stride(1),
+            BLOCK_R=block_r,
+            BLOCK_K=_dot_block(s),
+            num_warps=4,
+        )
     return part.sum(1).masked_fill_(info > 0, float("inf"))
 
 
@@ -222,8 +299,9 @@ def _ieee_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() @ b.double()).float()
 
 
-def obs_group_update(W: torch.Tensor, Hinv: torch.Tensor, idx: torch.Tensor, *,
-                     check_indices: bool = True) -> torch.Tensor:
+def obs_group_update(
+    W: torch.Tensor, Hinv: torch.Tensor, idx: torch.Tensor, *, check_indices: bool = True
+) -> torch.Tensor:
     """Remove columns idx in place (OBS update of W, rank-s downdate of Hinv); returns a 0-dim
     int32 info, > 0 when Hinv[idx, idx] is not PD, and then W and Hinv are untouched.
     check_indices=False skips the range check of idx (a device sync) for trusted indices."""
@@ -236,18 +314,41 @@ def obs_group_update(W: torch.Tensor, Hinv: torch.Tensor, idx: torch.Tensor, *,
     if int(info) != 0:  # the contract needs the answer on the host before touching anything
         return info
     (r, d), s = W.shape, idx.numel()
-    V = _ieee_mm(linv[0], Hinv.index_select(0, idx))                    # L^-1 Hinv[S,:]  (s, d)
-    U = _ieee_mm(linv[0], W.index_select(1, idx).t())                   # L^-1 W[:,S]^T   (s, r)
+    V = _ieee_mm(linv[0], Hinv.index_select(0, idx))  # L^-1 Hinv[S,:]  (s, d)
+    U = _ieee_mm(linv[0], W.index_select(1, idx).t())  # L^-1 W[:,S]^T   (s, r)
     removed = torch.zeros(d, device=W.device, dtype=torch.int8).index_fill_(0, idx, 1)
     bk = _dot_block(s)
     # 64 x 64 tiles, 4 warps: 128 x 128 spilled ~1 KB a thread with tf32x3 (ptxas, sm_90a);
     # V (s x d, 2.8 MB at d=11008) stays in L2, so smaller tiles only cost L2 reads.
     nt = triton.cdiv(d, 64)
     with on_device(W):
-        _obs_downdate_kernel[(nt, nt)](Hinv, V, removed, d, s, Hinv.stride(0), Hinv.stride(1),
-                                       BLOCK=64, BLOCK_K=bk, num_warps=4)
+        _obs_downdate_kernel[(nt, nt)](
+            Hinv,
+            V,
+            removed,
+            d,
+            s,
+            Hinv.stride(0),
+            Hinv.stride(1),
+            BLOCK=64,
+            BLOCK_K=bk,
+            num_warps=4,
+        )
         if r:
             grid = (triton.cdiv(r, 64), triton.cdiv(d, 64))
-            _obs_weight_update_kernel[grid](W, U, V, removed, r, d, s, W.stride(0), W.stride(1),
-                                            BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk, num_warps=4)
+            _obs_weight_update_kernel[grid](
+                W,
+                U,
+                V,
+                removed,
+                r,
+                d,
+                s,
+                W.stride(0),
+                W.stride(1),
+                BLOCK_M=64,
+                BLOCK_N=64,
+                BLOCK_K=bk,
+                num_warps=4,
+            )
     return info

@@ -8,6 +8,7 @@ instead of materialised.
 X is (T, d_in) at full input width, W is (d_out, d_in); in_idx=None keeps every input column
 and out_idx=None every output row. Accumulation is fp32; Y has X's dtype.
 """
+
 import torch
 
 
@@ -17,9 +18,14 @@ def expand_blocks(in_idx: torch.Tensor, in_block: int) -> torch.Tensor:
     return (in_idx[:, None] * in_block + offsets).reshape(-1)
 
 
-def slice_gemm(X: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = None,
-               in_idx: torch.Tensor | None = None, out_idx: torch.Tensor | None = None,
-               in_block: int = 1) -> torch.Tensor:
+def slice_gemm(
+    X: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    in_idx: torch.Tensor | None = None,
+    out_idx: torch.Tensor | None = None,
+    in_block: int = 1,
+) -> torch.Tensor:
     Xs, Ws = X.float(), W.float()
     if in_idx is not None:
         cols = expand_blocks(in_idx, in_block)

@@ -18,6 +18,7 @@ rounding to X's dtype at the store. Decode (T <= 16) and prefill get separate au
 tables: decode is bound by reading the W slice, so it wants BLOCK_M = 16 (tl.dot's minimum),
 narrow N tiles (more programs in flight) and deep pipelines.
 """
+
 from __future__ import annotations
 
 import torch
@@ -72,21 +73,47 @@ def _kept_cols(IN_IDX, k0, n_cols, IN_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr
 @triton.jit
 def _load_tiles(x_rows, w_rows, cols, mask_k, mask_m, mask_n, stride_xk, stride_wk):
     """X tile (BLOCK_M, BLOCK_K) and W^T tile (BLOCK_K, BLOCK_N) at the given columns."""
-    a = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-    b = tl.load(w_rows + cols[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    a = tl.load(
+        x_rows + cols[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+    )
+    b = tl.load(
+        w_rows + cols[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0
+    )
     return a, b
 
 
 @triton.jit
-def _slice_gemm_kernel(X, W, B, IN_IDX, OUT_IDX, Y,
-                       T, N_OUT, N_BLOCKS,
-                       stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-                       M_KEY, N_KEY, K_KEY,  # autotune buckets only (unused in the body)
-                       IN_BLOCK: tl.constexpr, HEAD_K: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, HAS_IN_IDX: tl.constexpr, HAS_OUT_IDX: tl.constexpr,
-                       CAST_F32: tl.constexpr, IEEE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr):
+def _slice_gemm_kernel(
+    X,
+    W,
+    B,
+    IN_IDX,
+    OUT_IDX,
+    Y,
+    T,
+    N_OUT,
+    N_BLOCKS,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ym,
+    stride_yn,
+    M_KEY,
+    N_KEY,
+    K_KEY,  # autotune buckets only (unused in the body)
+    IN_BLOCK: tl.constexpr,
+    HEAD_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_IN_IDX: tl.constexpr,
+    HAS_OUT_IDX: tl.constexpr,
+    CAST_F32: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     pid_m, pid_n = _tile_ids(T, N_OUT, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -121,7 +148,9 @@ def _slice_gemm_kernel(X, W, B, IN_IDX, OUT_IDX, Y,
         a, b = _load_tiles(x_rows, w_rows, cols, mask_k, mask_m, mask_n, stride_xk, stride_wk)
         cols, mask_k = _kept_cols(IN_IDX, BLOCK_K, n_cols, IN_BLOCK, BLOCK_K)
         for k0 in range(2 * BLOCK_K, n_cols + 2 * BLOCK_K, BLOCK_K):
-            a_next, b_next = _load_tiles(x_rows, w_rows, cols, mask_k, mask_m, mask_n, stride_xk, stride_wk)
+            a_next, b_next = _load_tiles(
+                x_rows, w_rows, cols, mask_k, mask_m, mask_n, stride_xk, stride_wk
+            )
             cols, mask_k = _kept_cols(IN_IDX, k0, n_cols, IN_BLOCK, BLOCK_K)
             acc = _mma(acc, a, b, CAST_F32, IEEE)
             a, b = a_next, b_next
@@ -131,8 +160,16 @@ def _slice_gemm_kernel(X, W, B, IN_IDX, OUT_IDX, Y,
         for k0 in range(0, n_cols, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             mask_k = cols < n_cols
-            a = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(w_rows + cols[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            a = tl.load(
+                x_rows + cols[None, :] * stride_xk,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                w_rows + cols[:, None] * stride_wk,
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
             acc = _mma(acc, a, b, CAST_F32, IEEE)
 
     if HAS_BIAS:
@@ -142,17 +179,31 @@ def _slice_gemm_kernel(X, W, B, IN_IDX, OUT_IDX, Y,
 
 
 def _config(bm, bn, bk, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                         num_warps=warps, num_stages=stages)
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+        num_warps=warps,
+        num_stages=stages,
+    )
 
 
 # Candidates, not measurements: no GPU was lent when this was written. Prefill follows the
 # usual Hopper bf16 GEMM tiles; decode keeps BLOCK_M at tl.dot's minimum of 16 and varies
 # BLOCK_N so that 4096 x 11008 @ 75% (8256 rows) gives 65..258 programs for 132 SMs.
-_PREFILL = [_config(128, 128, 64, 8, 3), _config(128, 256, 64, 8, 3), _config(128, 128, 64, 4, 4),
-            _config(64, 128, 64, 4, 4), _config(128, 64, 64, 4, 4), _config(64, 64, 32, 4, 5)]
-_DECODE = [_config(16, 32, 128, 4, 4), _config(16, 64, 128, 4, 4), _config(16, 64, 64, 4, 5),
-           _config(16, 128, 64, 4, 4), _config(16, 32, 256, 4, 3)]
+_PREFILL = [
+    _config(128, 128, 64, 8, 3),
+    _config(128, 256, 64, 8, 3),
+    _config(128, 128, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 64, 32, 4, 5),
+]
+_DECODE = [
+    _config(16, 32, 128, 4, 4),
+    _config(16, 64, 128, 4, 4),
+    _config(16, 64, 64, 4, 5),
+    _config(16, 128, 64, 4, 4),
+    _config(16, 32, 256, 4, 3),
+]
 _INTERP = [_config(16, 32, 32, 4, 1)]
 
 
@@ -174,10 +225,12 @@ def _prune(configs, named_args, **kwargs):
 
 _KEYS = ["M_KEY", "N_KEY", "K_KEY", "IN_BLOCK", "HEAD_K", "HAS_IN_IDX", "HAS_OUT_IDX"]
 _PRUNE = {"early_config_prune": _prune}
-_TUNED_PREFILL = triton.autotune(_INTERP if INTERPRET else _PREFILL, key=_KEYS,
-                                 prune_configs_by=_PRUNE)(_slice_gemm_kernel)
-_TUNED_DECODE = triton.autotune(_INTERP if INTERPRET else _DECODE, key=_KEYS,
-                                prune_configs_by=_PRUNE)(_slice_gemm_kernel)
+_TUNED_PREFILL = triton.autotune(
+    _INTERP if INTERPRET else _PREFILL, key=_KEYS, prune_configs_by=_PRUNE
+)(_slice_gemm_kernel)
+_TUNED_DECODE = triton.autotune(
+    _INTERP if INTERPRET else _DECODE, key=_KEYS, prune_configs_by=_PRUNE
+)(_slice_gemm_kernel)
 
 
 def _pow2_divisor(n: int, cap: int = 128) -> int:
@@ -190,9 +243,16 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def slice_gemm(X: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = None,
-               in_idx: torch.Tensor | None = None, out_idx: torch.Tensor | None = None,
-               in_block: int = 1, *, check_indices: bool = True) -> torch.Tensor:
+def slice_gemm(
+    X: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    in_idx: torch.Tensor | None = None,
+    out_idx: torch.Tensor | None = None,
+    in_block: int = 1,
+    *,
+    check_indices: bool = True,
+) -> torch.Tensor:
     """Y = X[:, I] @ W[J][:, I]^T (+ bias[J]), gathered in the kernel. X (T, d_in), W (d_out,
     d_in), bias (d_out,), in_idx kept blocks of in_block columns, out_idx kept rows (int64).
     check_indices=False skips the index range check, which costs a device sync per call:
@@ -215,11 +275,31 @@ def slice_gemm(X: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = Non
     # strided ones (none for the usual contiguous tensors).
     bias, in_idx, out_idx = (None if t is None else t.contiguous() for t in (bias, in_idx, out_idx))
     with on_device(X):
-        tuned[grid](X, W, Y if bias is None else bias, Y if in_idx is None else in_idx,
-                    Y if out_idx is None else out_idx, Y, T, n_out, n_blocks,
-                    X.stride(0), X.stride(1), W.stride(0), W.stride(1), Y.stride(0), Y.stride(1),
-                    _bucket(T), _bucket(n_out), _bucket(n_blocks * block),
-                    IN_BLOCK=block, HEAD_K=head_k if head_k >= 16 else 0, HAS_BIAS=bias is not None,
-                    HAS_IN_IDX=in_idx is not None, HAS_OUT_IDX=out_idx is not None,
-                    CAST_F32=INTERPRET and X.dtype != torch.float32, IEEE=X.dtype == torch.float32)
+        tuned[grid](
+            X,
+            W,
+            Y if bias is None else bias,
+            Y if in_idx is None else in_idx,
+            Y if out_idx is None else out_idx,
+            Y,
+            T,
+            n_out,
+            n_blocks,
+            X.stride(0),
+            X.stride(1),
+            W.stride(0),
+            W.stride(1),
+            Y.stride(0),
+            Y.stride(1),
+            _bucket(T),
+            _bucket(n_out),
+            _bucket(n_blocks * block),
+            IN_BLOCK=block,
+            HEAD_K=head_k if head_k >= 16 else 0,
+            HAS_BIAS=bias is not None,
+            HAS_IN_IDX=in_idx is not None,
+            HAS_OUT_IDX=out_idx is not None,
+            CAST_F32=INTERPRET and X.dtype != torch.float32,
+            IEEE=X.dtype == torch.float32,
+        )
     return Y

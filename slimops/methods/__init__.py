@@ -6,18 +6,20 @@ PruningPlan`, which prunes the model in place (masked and compensated; slicing.a
 makes it smaller). The pipeline, the CLI (`--method` choices) and the benchmarks read this
 table; adding a method is its file plus one line here.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from . import flap, magnitude, search, slimgpt, taylor, wanda_sp
 
 
 class Method(NamedTuple):
-    config: type                    # a common.PruneConfig dataclass
-    prune: Callable                 # prune(model, tokens, cfg, adapter=None) -> PruningPlan
-    summary: str                    # one line for --help
+    config: type  # a common.PruneConfig dataclass
+    prune: Callable  # prune(model, tokens, cfg, adapter=None) -> PruningPlan
+    summary: str  # one line for --help
 
     @property
     def default_schedule(self):
@@ -26,8 +28,11 @@ class Method(NamedTuple):
 
     def options(self) -> list[str]:
         """Config fields a caller may set besides ratio, schedule and device."""
-        return [f.name for f in dataclasses.fields(self.config)
-                if f.name not in ("ratio", "schedule", "device")]
+        return [
+            f.name
+            for f in dataclasses.fields(self.config)
+            if f.name not in ("ratio", "schedule", "device")
+        ]
 
 
 METHODS: dict[str, Method] = {
@@ -68,15 +73,21 @@ def make_config(name: str, ratio: float, schedule=None, device: str = "cpu", **o
     is left at the method's default. An option the method does not have is a clear error
     naming the methods that have it (checked here, before any work)."""
     method = get_method(name)
-    options = {k: v for k, v in options.items() if v is not None
-               and not (k in IGNORED_WHERE_ABSENT and k not in method.options())}
+    options = {
+        k: v
+        for k, v in options.items()
+        if v is not None and not (k in IGNORED_WHERE_ABSENT and k not in method.options())
+    }
     if options.get("align") == 1 and "align" not in method.options():
-        del options["align"]                    # --align 1 means "off": fine for any method
+        del options["align"]  # --align 1 means "off": fine for any method
     for key in sorted(set(options) - set(method.options())):
         owners = [n for n, m in METHODS.items() if key in m.options()]
         flag = "--" + key.replace("_", "-")
-        raise ValueError(f"{flag} is implemented for {' and '.join(owners)} only, not {name}"
-                         if owners else f"{flag} is not an option of any method")
+        raise ValueError(
+            f"{flag} is implemented for {' and '.join(owners)} only, not {name}"
+            if owners
+            else f"{flag} is not an option of any method"
+        )
     given = {"ratio": ratio, "device": device, **options}
     if schedule is not None:
         given["schedule"] = schedule

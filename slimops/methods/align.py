@@ -17,6 +17,7 @@ is all of the speed and none of the accuracy cost (numbers below).
 `default_align(device)` is what the CLI uses when the user gives no --align; the Python
 API (`SlimGPTConfig.align=None`) means no alignment, so existing plans do not change.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,8 +47,10 @@ def check_align(align) -> int | None:
     if align is None:
         return None
     if isinstance(align, bool) or not isinstance(align, int) or align < 1:
-        raise ValueError(f"--align {align!r}: give a positive integer N (FFN widths become "
-                         "multiples of N; 1 turns alignment off)")
+        raise ValueError(
+            f"--align {align!r}: give a positive integer N (FFN widths become "
+            "multiples of N; 1 turns alignment off)"
+        )
     return None if align == 1 else align
 
 
@@ -68,8 +71,9 @@ def aligned_removal(ffn: int, want: float, n: int) -> int:
     return ffn - kept
 
 
-def layer_capacity(nh: int, nkv: int, ffn: int, costs: dict, n: int,
-                   whole_groups: bool = True) -> int:
+def layer_capacity(
+    nh: int, nkv: int, ffn: int, costs: dict, n: int, whole_groups: bool = True
+) -> int:
     """The most parameters one aligned layer can lose: all KV groups but one (and, without
     whole groups, all but one query head of it), and the FFN down to its smallest allowed
     width."""
@@ -88,15 +92,18 @@ def fit_ratios(ratios: list[float], caps: list[float], sizes: list[int]) -> list
     room = sum(s * (c - r) for r, c, s in zip(clipped, caps, sizes))
     if excess > room + 1e-9 * sum(sizes):
         total = sum(s * c for c, s in zip(caps, sizes)) / sum(sizes)
-        raise ValueError(f"with --align the decoder can lose at most {total:.1%} of its "
-                         "parameters (one KV group and N FFN channels kept per layer); lower "
-                         "--ratio or --align")
+        raise ValueError(
+            f"with --align the decoder can lose at most {total:.1%} of its "
+            "parameters (one KV group and N FFN channels kept per layer); lower "
+            "--ratio or --align"
+        )
     share = excess / room
     return [r + (c - r) * share for r, c in zip(clipped, caps)]
 
 
-def aligned_ratios(adapter, ratios: list[float], n: int,
-                   whole_groups: bool = True) -> tuple[list[float], dict]:
+def aligned_ratios(
+    adapter, ratios: list[float], n: int, whole_groups: bool = True
+) -> tuple[list[float], dict]:
     """Per-layer ratios an aligned prune can meet, and facts for the plan's info."""
     layers = adapter.layers()
     sizes = [adapter.layer_params(layer) for layer in layers]
@@ -107,10 +114,18 @@ def aligned_ratios(adapter, ratios: list[float], n: int,
         caps.append(layer_capacity(nh, nkv, ffn, costs, n, whole_groups) / size)
         steps.append(n * costs["channel"])
     fitted = fit_ratios(ratios, caps, sizes)
-    bound = max(steps) / 2 / sum(sizes)        # last layer's rounding: half an FFN step
+    bound = max(steps) / 2 / sum(sizes)  # last layer's rounding: half an FFN step
     if bound > 0.01:
-        log.warning("--align %d: one FFN step is %d parameters, so the total ratio can miss "
-                    "the target by up to %.2f points; a smaller N is more precise",
-                    n, max(steps), 100 * bound)
-    return fitted, {"align": n, "whole_kv_groups": whole_groups, "align_caps": caps,
-                    "align_error_bound": bound}
+        log.warning(
+            "--align %d: one FFN step is %d parameters, so the total ratio can miss "
+            "the target by up to %.2f points; a smaller N is more precise",
+            n,
+            max(steps),
+            100 * bound,
+        )
+    return fitted, {
+        "align": n,
+        "whole_kv_groups": whole_groups,
+        "align_caps": caps,
+        "align_error_bound": bound,
+    }

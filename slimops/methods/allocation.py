@@ -21,6 +21,7 @@ greedy removal order of one projection; from the two curves of a layer:
 Curves come from the layer's current inputs; the removals themselves are redone by the
 caller, so a curve only decides sizes, never which units go.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -31,7 +32,7 @@ import torch
 from .common import Move, remove_heads
 from .obs_solver import ObsScorer
 
-FFN_CURVE_STEPS = 32        # resolution of the FFN error curve (groups of ~1/32 of the FFN)
+FFN_CURVE_STEPS = 32  # resolution of the FFN error curve (groups of ~1/32 of the FFN)
 
 
 class OutputEnergy:
@@ -62,8 +63,9 @@ def energy_weights(energies: list[float]) -> list[float]:
     return [1.0 / max(e, 1e-30) for e in energies]
 
 
-def gradient_weights(model, adapter, tokens: torch.Tensor, batch_size: int = 8,
-                     device="cpu") -> list[float]:
+def gradient_weights(
+    model, adapter, tokens: torch.Tensor, batch_size: int = 8, device="cpu"
+) -> list[float]:
     """Per layer: mean over tokens of ||d(sum of token NLLs) / d h_i||^2 / hidden size, h_i
     the layer's output, from one forward and backward of the dense model (no weight grads:
     the graph is rooted at the embeddings' output). The model's device and flags are
@@ -76,12 +78,16 @@ def gradient_weights(model, adapter, tokens: torch.Tensor, batch_size: int = 8,
     def hook_for(i):
         def hook(_module, _args, out):
             hidden = out[0] if isinstance(out, tuple) else out
-            hidden.register_hook(lambda g: sums.__setitem__(i, sums[i] + g.double().pow(2).sum().cpu()))
+            hidden.register_hook(
+                lambda g: sums.__setitem__(i, sums[i] + g.double().pow(2).sum().cpu())
+            )
+
         return hook
 
     handles = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
-    handles.append(model.get_input_embeddings().register_forward_hook(
-        lambda _m, _a, out: out.requires_grad_()))
+    handles.append(
+        model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_())
+    )
     count = 0
     try:
         model.to(device)
@@ -89,7 +95,7 @@ def gradient_weights(model, adapter, tokens: torch.Tensor, batch_size: int = 8,
             p.requires_grad_(False)
         with torch.enable_grad():
             for start in range(0, tokens.shape[0], batch_size):
-                batch = tokens[start:start + batch_size].to(device)
+                batch = tokens[start : start + batch_size].to(device)
                 out = model(input_ids=batch, labels=batch, use_cache=False)
                 n = batch[:, 1:].numel()
                 (out.loss * n).backward()
@@ -105,8 +111,8 @@ def gradient_weights(model, adapter, tokens: torch.Tensor, batch_size: int = 8,
 
 @dataclass
 class Curve:
-    params: list[float]      # cumulative params removed, increasing, starting at 0
-    errors: list[float]      # cumulative OBS error at each point
+    params: list[float]  # cumulative params removed, increasing, starting at 0
+    errors: list[float]  # cumulative OBS error at each point
 
     def at(self, p: float) -> float:
         """Error after removing p params (linear between points; inf past the last)."""
@@ -134,9 +140,9 @@ def _cumulative(steps: list[tuple[float, float]]) -> Curve:
 
 @dataclass
 class LayerCurves:
-    heads: Curve             # after each GQA move of the greedy head pruning
-    ffn: Curve               # after each FFN group
-    moves: list[Move]        # the head moves, in order (moves[:k] reach heads.params[k])
+    heads: Curve  # after each GQA move of the greedy head pruning
+    ffn: Curve  # after each FFN group
+    moves: list[Move]  # the head moves, in order (moves[:k] reach heads.params[k])
 
     def widths_after(self, k: int, num_kv: int, rep: int) -> tuple[int, int]:
         """(kept KV groups, query heads per group) after the first k head moves."""
@@ -144,8 +150,9 @@ class LayerCurves:
         return num_kv - groups, rep - (k - groups)
 
 
-def head_curve(scorer, num_heads: int, num_kv: int, costs: dict,
-               whole_groups: bool = False) -> tuple[Curve, list[Move]]:
+def head_curve(
+    scorer, num_heads: int, num_kv: int, costs: dict, whole_groups: bool = False
+) -> tuple[Curve, list[Move]]:
     """Every GQA move the greedy head pruning would take, to one head left (mutates the
     scorer's solver: pass a copy)."""
     moves: list[Move] = []
@@ -153,11 +160,15 @@ def head_curve(scorer, num_heads: int, num_kv: int, costs: dict,
     return _cumulative([(m.cost, m.score) for m in moves]), moves
 
 
-def layer_curves(adapter, layer, head_solver, down_solver, whole_groups: bool = False) -> LayerCurves:
+def layer_curves(
+    adapter, layer, head_solver, down_solver, whole_groups: bool = False
+) -> LayerCurves:
     """Both curves of one layer from its o_proj and down_proj solvers (both are used up)."""
     nh, nkv, _ = adapter.layer_shape(layer)
     costs = adapter.unit_costs(layer)
-    heads, moves = head_curve(ObsScorer(head_solver, adapter.head_dim), nh, nkv, costs, whole_groups)
+    heads, moves = head_curve(
+        ObsScorer(head_solver, adapter.head_dim), nh, nkv, costs, whole_groups
+    )
     return LayerCurves(heads, ffn_curve(down_solver, costs["channel"], FFN_CURVE_STEPS), moves)
 
 
@@ -186,7 +197,7 @@ def best_split(heads: Curve, ffn: Curve, target: float) -> float:
         total = e + ffn.at(target - p)
         if total < best_err:
             best, best_err = p, total
-    if best_err == float("inf"):          # FFN cannot absorb: take as much attention as fits
+    if best_err == float("inf"):  # FFN cannot absorb: take as much attention as fits
         best = max(p for p in heads.params if p <= target)
     return best
 
@@ -197,26 +208,35 @@ def layer_curve(heads: Curve, ffn: Curve, points: int = 64) -> Curve:
     grid = [top * i / points for i in range(points + 1)]
     errors = []
     for p in grid:
-        errors.append(min((e + ffn.at(p - a) for a, e in zip(heads.params, heads.errors)
-                           if a <= p), default=float("inf")))
+        errors.append(
+            min(
+                (e + ffn.at(p - a) for a, e in zip(heads.params, heads.errors) if a <= p),
+                default=float("inf"),
+            )
+        )
     return Curve(grid, errors)
 
 
-def allocate(curves: list[Curve], sizes: list[int], weights: list[float], total: float,
-             cap: float) -> list[float]:
+def allocate(
+    curves: list[Curve], sizes: list[int], weights: list[float], total: float, cap: float
+) -> list[float]:
     """Per-layer ratios minimising sum_i weights_i * curve_i(p_i) with sum p_i = total and
     p_i <= cap * size_i: each layer takes the p maximising lam * p - w_i * C_i(p) on its grid,
     and lam is bisected until the layers remove `total` (the caller's rounding carry absorbs
     what the grid leaves)."""
     if total > sum(cap * size for size in sizes) + 1e-9:
-        raise ValueError(f"the layers can lose at most {cap:.0%} each: ratio too high for the "
-                         "per-layer cap")
+        raise ValueError(
+            f"the layers can lose at most {cap:.0%} each: ratio too high for the per-layer cap"
+        )
 
     def take(lam: float) -> list[float]:
         out = []
         for curve, size, w in zip(curves, sizes, weights):
-            options = [(lam * p - w * e, -p, p) for p, e in zip(curve.params, curve.errors)
-                       if p <= cap * size and e < float("inf")]
+            options = [
+                (lam * p - w * e, -p, p)
+                for p, e in zip(curve.params, curve.errors)
+                if p <= cap * size and e < float("inf")
+            ]
             out.append(max(options)[2])
         return out
 
@@ -227,5 +247,5 @@ def allocate(curves: list[Curve], sizes: list[int], weights: list[float], total:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if sum(take(mid)) < total else (lo, mid)
     chosen = take(hi)
-    scale = total / max(sum(chosen), 1e-12)       # land on the total exactly
+    scale = total / max(sum(chosen), 1e-12)  # land on the total exactly
     return [min(cap, p * scale / size) for p, size in zip(chosen, sizes)]

@@ -9,10 +9,12 @@ from every group. `remove_heads` repeats the cheaper move (score per parameter) 
 attention target is met to within half a move; what it scores with is the caller's
 `HeadScorer` (static unit scores for the baselines, live OBS errors for SlimGPT).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -24,17 +26,20 @@ from ..sequential import LayerWork
 def check_ratio(ratio: float) -> None:
     """The one ratio contract: a share of decoder-layer parameters strictly inside (0, 1)."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
-        raise ValueError(f"--ratio {ratio} is outside (0, 1): it is the share of decoder-layer "
-                         "parameters to remove, e.g. 0.2")
+        raise ValueError(
+            f"--ratio {ratio} is outside (0, 1): it is the share of decoder-layer "
+            "parameters to remove, e.g. 0.2"
+        )
 
 
 @dataclass
 class PruneConfig:
     """Fields every method has. `schedule`: per-layer ratios (schedules.layer_ratios); each
     method's config sets its own default, which is the method's default schedule."""
-    ratio: float = 0.2                      # share of decoder-layer parameters to remove
+
+    ratio: float = 0.2  # share of decoder-layer parameters to remove
     schedule: str | list | None = "uniform"
-    batch_size: int = 8                     # calibration sequences per forward (/backward)
+    batch_size: int = 8  # calibration sequences per forward (/backward)
     device: str = "cpu"
 
     def __post_init__(self):
@@ -46,15 +51,18 @@ class PruneConfig:
 @dataclass
 class UnitScores:
     """Importance of every removable unit of one layer (float64, higher = keep)."""
-    heads: torch.Tensor       # [num_heads] a query head
-    kv: torch.Tensor          # [num_kv_heads] a KV group's own k/v rows (0 if not scored)
-    channels: torch.Tensor    # [intermediate_size] an FFN channel
+
+    heads: torch.Tensor  # [num_heads] a query head
+    kv: torch.Tensor  # [num_kv_heads] a KV group's own k/v rows (0 if not scored)
+    channels: torch.Tensor  # [intermediate_size] an FFN channel
 
 
 # ---- the GQA head selector -------------------------------------------------------------
 
+
 class HeadScorer(Protocol):
     """Cost of removing heads (lower = remove first), as the selector asks for it."""
+
     def group_scores(self, groups: dict[int, list[int]]) -> list[float]: ...
     def head_scores(self, heads: list[int]) -> list[float]: ...
     def joint_score(self, heads: list[int]) -> float: ...
@@ -63,31 +71,42 @@ class HeadScorer(Protocol):
 
 class Move(NamedTuple):
     score: float
-    cost: float              # parameters it removes
-    heads: list[int]         # query heads it removes
-    group: int | None        # the KV group it removes, if any
+    cost: float  # parameters it removes
+    heads: list[int]  # query heads it removes
+    group: int | None  # the KV group it removes, if any
 
 
-def gqa_moves(scorer: HeadScorer, alive: dict[int, list[int]], costs: dict,
-              whole_groups: bool = False) -> list[Move]:
+def gqa_moves(
+    scorer: HeadScorer, alive: dict[int, list[int]], costs: dict, whole_groups: bool = False
+) -> list[Move]:
     """The two GQA-preserving moves from `alive` (group -> its kept heads), best of each."""
     per, moves = len(next(iter(alive.values()))), []
-    if len(alive) > 1:                                   # a whole KV group
+    if len(alive) > 1:  # a whole KV group
         scores = scorer.group_scores(alive)
         i = min(range(len(scores)), key=scores.__getitem__)
         g = list(alive)[i]
         moves.append(Move(scores[i], per * costs["head"] + costs["kv_head"], alive[g], g))
-    if per > 1 and not whole_groups:                     # one query head from every group
+    if per > 1 and not whole_groups:  # one query head from every group
         flat = scorer.head_scores([h for hs in alive.values() for h in hs])
-        chosen = [hs[min(range(per), key=lambda j: flat[i * per + j])]
-                  for i, hs in enumerate(alive.values())]
+        chosen = [
+            hs[min(range(per), key=lambda j: flat[i * per + j])]
+            for i, hs in enumerate(alive.values())
+        ]
         moves.append(Move(scorer.joint_score(chosen), len(alive) * costs["head"], chosen, None))
     return moves
 
 
-def remove_heads(scorer: HeadScorer, num_heads: int, num_kv: int, costs: dict, target: float,
-                 whole_groups: bool = False, overshoot: float = 0.5, in_heads: bool = False,
-                 history: list | None = None) -> tuple[list[int], list[int], float]:
+def remove_heads(
+    scorer: HeadScorer,
+    num_heads: int,
+    num_kv: int,
+    costs: dict,
+    target: float,
+    whole_groups: bool = False,
+    overshoot: float = 0.5,
+    in_heads: bool = False,
+    history: list | None = None,
+) -> tuple[list[int], list[int], float]:
     """Greedy removal, lowest score per parameter first, until `target` is removed: params,
     or query heads when `in_heads`. A move is taken while it overshoots the target by at most
     `overshoot` times its own size (0.5: round to the nearest move; 1: until at least the
@@ -102,16 +121,20 @@ def remove_heads(scorer: HeadScorer, num_heads: int, num_kv: int, costs: dict, t
         return len(m.heads) if in_heads else m.cost
 
     while True:
-        moves = [m for m in gqa_moves(scorer, alive, costs, whole_groups)
-                 if (done < target if overshoot >= 1 else done + size(m) * (1 - overshoot) <= target)]
+        moves = [
+            m
+            for m in gqa_moves(scorer, alive, costs, whole_groups)
+            if (done < target if overshoot >= 1 else done + size(m) * (1 - overshoot) <= target)
+        ]
         if not moves:
             break
         move = min(moves, key=lambda m: m.score / m.cost)
         scorer.remove(move.heads)
         if history is not None:
             history.append(move)
-        alive = {g: [h for h in hs if h not in move.heads]
-                 for g, hs in alive.items() if g != move.group}
+        alive = {
+            g: [h for h in hs if h not in move.heads] for g, hs in alive.items() if g != move.group
+        }
         removed, done = removed + move.cost, done + size(move)
     return sorted(h for hs in alive.values() for h in hs), sorted(alive), removed
 
@@ -143,6 +166,7 @@ def select_heads(scores: UnitScores, costs: dict, target: float) -> tuple[list, 
 
 # ---- FFN channels and the per-layer budget ---------------------------------------------
 
+
 def channels_to_remove(params: float, channel_cost: int, ffn: int) -> int:
     """Whole channels nearest to `params` parameters, keeping at least one channel."""
     return max(0, min(ffn - 1, int(round(params / channel_cost))))
@@ -154,8 +178,9 @@ def select_channels(scores: torch.Tensor, n_remove: int) -> list[int]:
     return [c for c in range(len(scores)) if c not in drop]
 
 
-def plan_layer(scores: UnitScores, costs: dict, attn_target: float,
-               target: float) -> tuple[LayerPlan, float]:
+def plan_layer(
+    scores: UnitScores, costs: dict, attn_target: float, target: float
+) -> tuple[LayerPlan, float]:
     """Heads up to attn_target params, then FFN channels for the rest of `target` (the FFN's
     fine granularity absorbs the heads' rounding). Keeps >= 1 channel. (plan, removed)."""
     heads, kv, removed = select_heads(scores, costs, attn_target)
@@ -167,8 +192,9 @@ def plan_layer(scores: UnitScores, costs: dict, attn_target: float,
 class Budget:
     """Per-layer parameter targets plus the rounding still owed by earlier layers (SlimGPT's
     carry), so the decoder total hits the ratio although each layer moves in whole units."""
+
     carry: float = 0.0
-    removed: list = field(default_factory=list)          # params removed, per layer
+    removed: list = field(default_factory=list)  # params removed, per layer
 
     def open(self, target: float) -> float:
         """This layer's target with what earlier layers owe added."""
@@ -178,8 +204,7 @@ class Budget:
         self.carry = target - removed
         self.removed.append(removed)
 
-    def plan(self, scores: UnitScores, costs: dict, attn_target: float,
-             target: float) -> LayerPlan:
+    def plan(self, scores: UnitScores, costs: dict, attn_target: float, target: float) -> LayerPlan:
         target = self.open(target)
         lp, removed = plan_layer(scores, costs, min(attn_target, target), target)
         self.close(target, removed)
@@ -197,14 +222,17 @@ def layer_targets(adapter, layer, ratio: float) -> tuple[float, float]:
 
 # ---- per-unit scores from weights or input statistics -----------------------------------
 
+
 def owned_scores(adapter, layer, importance: Callable[[nn.Linear], torch.Tensor]) -> UnitScores:
     """Sum an element-wise importance (shaped like each weight) over the weights a unit owns:
     head = q rows + o columns, KV group = k/v rows, channel = gate/up rows + down column."""
     nh, nkv, _ = adapter.layer_shape(layer)
     hd = adapter.head_dim
-    imp = {role: importance(adapter.linear(layer, role)).double()
-           for role in ("q", "k", "v", "o", "gate", "up", "down")
-           if adapter.linear(layer, role) is not None}
+    imp = {
+        role: importance(adapter.linear(layer, role)).double()
+        for role in ("q", "k", "v", "o", "gate", "up", "down")
+        if adapter.linear(layer, role) is not None
+    }
     heads = imp["q"].reshape(nh, -1).sum(1) + imp["o"].reshape(-1, nh, hd).sum((0, 2))
     kv = imp["k"].reshape(nkv, -1).sum(1) + imp["v"].reshape(nkv, -1).sum(1)
     channels = sum(imp[r].sum(1) for r in ("gate", "up") if r in imp) + imp["down"].sum(0)
@@ -215,8 +243,11 @@ def column_scores(adapter, layer, o_cols: torch.Tensor, down_cols: torch.Tensor)
     """Units from per-input-column scores of o_proj and down_proj (a head = its head_dim
     columns summed); k/v rows are not scored by these metrics."""
     nh, nkv, _ = adapter.layer_shape(layer)
-    return UnitScores(o_cols.double().reshape(nh, adapter.head_dim).sum(1).cpu(),
-                      torch.zeros(nkv, dtype=torch.float64), down_cols.double().cpu())
+    return UnitScores(
+        o_cols.double().reshape(nh, adapter.head_dim).sum(1).cpu(),
+        torch.zeros(nkv, dtype=torch.float64),
+        down_cols.double().cpu(),
+    )
 
 
 class InputStats:
@@ -232,7 +263,7 @@ class InputStats:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
-        x = x.to(torch.promote_types(x.dtype, torch.float32))       # bf16/fp16 -> fp32
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32
         n_b = x.shape[0]
         mean_b = x.mean(0)
         m2_b = (x - mean_b).pow(2).sum(0).double()
@@ -245,10 +276,10 @@ class InputStats:
     def mean(self) -> torch.Tensor:
         return self.mean_
 
-    def norm(self) -> torch.Tensor:              # ||X_j||_2 over all calibration tokens
+    def norm(self) -> torch.Tensor:  # ||X_j||_2 over all calibration tokens
         return (self.m2 + self.count * self.mean_.pow(2)).sqrt()
 
-    def var(self) -> torch.Tensor:               # unbiased, 1/(N-1) as FLAP's eq. 5
+    def var(self) -> torch.Tensor:  # unbiased, 1/(N-1) as FLAP's eq. 5
         return self.m2 / max(self.count - 1, 1)
 
 
@@ -261,8 +292,15 @@ def input_stats(work: LayerWork, modules: dict[str, nn.Linear]) -> dict[str, Inp
     return stats
 
 
-def finish(plans: list, method: str, cfg: PruneConfig, adapter, budget: Budget,
-           sizes: list | None = None, **info) -> PruningPlan:
+def finish(
+    plans: list,
+    method: str,
+    cfg: PruneConfig,
+    adapter,
+    budget: Budget,
+    sizes: list | None = None,
+    **info,
+) -> PruningPlan:
     """The PruningPlan with the info every method records (achieved per-layer ratios of the
     dense layer sizes `sizes`, read from the model when None)."""
     sizes = sizes or [adapter.layer_params(layer) for layer in adapter.layers()]

@@ -23,6 +23,7 @@ GQA: the threshold gives each layer a head budget (per-head cost = q rows + o co
 1/rep of a KV group's k/v rows); the shared selector (common.plan_layer) turns it into a
 valid GQA shape, and the rounding goes to that layer's FFN, then to the next layer.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,14 +40,16 @@ from .common import Budget, InputStats, PruneConfig, UnitScores, finish, input_s
 
 @dataclass
 class FlapConfig(PruneConfig):
-    schedule: None = None                   # adaptive: one global threshold sets the widths
-    bias_compensation: bool = True          # FLAP's baseline bias (Sec. 3.3, eq. 8)
+    schedule: None = None  # adaptive: one global threshold sets the widths
+    bias_compensation: bool = True  # FLAP's baseline bias (Sec. 3.3, eq. 8)
 
     def __post_init__(self):
         super().__post_init__()
         if self.schedule is not None:
-            raise ValueError("flap chooses per-layer widths itself (one global threshold); "
-                             "it takes no --schedule")
+            raise ValueError(
+                "flap chooses per-layer widths itself (one global threshold); "
+                "it takes no --schedule"
+            )
 
 
 def fluctuation_columns(weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
@@ -62,30 +65,33 @@ def standardize(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean()) / std if std > 0 else torch.zeros_like(scores)
 
 
-def standardized_units(adapter, layer, o_cols: torch.Tensor,
-                       down_cols: torch.Tensor) -> UnitScores:
+def standardized_units(adapter, layer, o_cols: torch.Tensor, down_cols: torch.Tensor) -> UnitScores:
     """FLAP eq. 6 as the authors compute it: z-scores of o_proj's input columns within the
     layer, a head = the mean of its head_dim columns; z-scores of down_proj's columns."""
     nh, nkv, _ = adapter.layer_shape(layer)
     heads = standardize(o_cols.double()).reshape(nh, adapter.head_dim).mean(1)
-    return UnitScores(heads.cpu(), torch.zeros(nkv, dtype=torch.float64),
-                      standardize(down_cols.double()).cpu())
+    return UnitScores(
+        heads.cpu(), torch.zeros(nkv, dtype=torch.float64), standardize(down_cols.double()).cpu()
+    )
 
 
-def global_threshold(scores: list[UnitScores], costs: list[dict], reps: list[int],
-                     target: float) -> tuple[float, list[tuple[int, int]]]:
+def global_threshold(
+    scores: list[UnitScores], costs: list[dict], reps: list[int], target: float
+) -> tuple[float, list[tuple[int, int]]]:
     """FLAP eq. 7: sort all standardised head and channel scores of all layers together and
     remove the lowest k, k chosen so their params come closest to `target`.
     Returns (threshold, [(heads removed, channels removed) per layer])."""
     z, cost, owner = [], [], []
     for i, (s, c, rep) in enumerate(zip(scores, costs, reps)):
         z += [s.heads, s.channels]
-        cost += [torch.full_like(s.heads, c["head"] + c["kv_head"] / rep),
-                 torch.full_like(s.channels, float(c["channel"]))]
+        cost += [
+            torch.full_like(s.heads, c["head"] + c["kv_head"] / rep),
+            torch.full_like(s.channels, float(c["channel"])),
+        ]
         owner += [torch.full((len(s.heads),), 2 * i), torch.full((len(s.channels),), 2 * i + 1)]
     z, cost, owner = torch.cat(z), torch.cat(cost), torch.cat(owner)
     order = torch.argsort(z, stable=True)
-    removed = torch.cat([cost.new_zeros(1), cost[order].cumsum(0)])   # after removing k units
+    removed = torch.cat([cost.new_zeros(1), cost[order].cumsum(0)])  # after removing k units
     k = int(torch.argmin((removed - target).abs()))
     counts = torch.bincount(owner[order[:k]], minlength=2 * len(scores)).view(-1, 2)
     threshold = float(z[order[k - 1]]) if k else float("-inf")
@@ -94,8 +100,11 @@ def global_threshold(scores: list[UnitScores], costs: list[dict], reps: list[int
 
 def new_bias_params(adapter, layer, bias: bool) -> int:
     """Params compensation will add to this layer: a bias for o_proj / down_proj lacking one."""
-    return sum(m.out_features for m in (adapter.o_proj(layer), adapter.down_proj(layer))
-               if bias and m.bias is None)
+    return sum(
+        m.out_features
+        for m in (adapter.o_proj(layer), adapter.down_proj(layer))
+        if bias and m.bias is None
+    )
 
 
 def _with_bias(linear: nn.Linear) -> nn.Linear:
@@ -105,8 +114,9 @@ def _with_bias(linear: nn.Linear) -> nn.Linear:
         return linear
     new = nn.Linear(linear.in_features, linear.out_features, bias=True, device="meta")
     new.weight = linear.weight
-    new.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
-                                        device=linear.weight.device))
+    new.bias = nn.Parameter(
+        torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
+    )
     return new
 
 
@@ -116,8 +126,10 @@ def compensate(adapter, layer, lp: LayerPlan, means: dict, bias: bool = True) ->
     o_proj / down_proj, then zero their columns (the masked model equals the sliced one)."""
     nh, _, ffn = adapter.layer_shape(layer)
     drop_heads, drop_channels = lp.removed(nh, ffn)
-    drop = {"o": head_rows(drop_heads, adapter.head_dim),
-            "down": torch.as_tensor(drop_channels, dtype=torch.long)}
+    drop = {
+        "o": head_rows(drop_heads, adapter.head_dim),
+        "down": torch.as_tensor(drop_channels, dtype=torch.long),
+    }
     for role, cols in drop.items():
         if bias and len(cols):
             linear = _with_bias(adapter.linear(layer, role))
@@ -134,16 +146,22 @@ def prune(model, tokens: torch.Tensor, cfg: FlapConfig, adapter=None) -> Pruning
     adapter = adapter or get_adapter(model)
     scores, means = [], []
 
-    def collect(work: LayerWork) -> None:      # statistics only: the pass stays dense
+    def collect(work: LayerWork) -> None:  # statistics only: the pass stays dense
         o, down = adapter.o_proj(work.layer), adapter.down_proj(work.layer)
         stats = input_stats(work, {"o": o, "down": down})
-        scores.append(standardized_units(adapter, work.layer,
-                                         fluctuation_columns(o.weight, stats["o"]),
-                                         fluctuation_columns(down.weight, stats["down"])))
+        scores.append(
+            standardized_units(
+                adapter,
+                work.layer,
+                fluctuation_columns(o.weight, stats["o"]),
+                fluctuation_columns(down.weight, stats["down"]),
+            )
+        )
         means.append({k: s.mean().cpu() for k, s in stats.items()})
 
-    timer = run_sequential(model, adapter, tokens, collect, device=cfg.device,
-                           batch_size=cfg.batch_size, desc="flap")
+    timer = run_sequential(
+        model, adapter, tokens, collect, device=cfg.device, batch_size=cfg.batch_size, desc="flap"
+    )
     layers = adapter.layers()
     costs = [adapter.unit_costs(layer) for layer in layers]
     reps = [nh // nkv for nh, nkv, _ in map(adapter.layer_shape, layers)]
@@ -161,9 +179,17 @@ def prune(model, tokens: torch.Tensor, cfg: FlapConfig, adapter=None) -> Pruning
         lp = budget.plan(scores[i], costs[i], attn[i], attn[i] + ffn[i])
         before = adapter.layer_params(layer)
         compensate(adapter, layer, lp, means[i], cfg.bias_compensation)
-        budget.carry -= extra[i] - (adapter.layer_params(layer) - before)   # bias not created
+        budget.carry -= extra[i] - (adapter.layer_params(layer) - before)  # bias not created
         plans.append(lp)
-    return finish(plans, "flap", cfg, adapter, budget, sizes=sizes,
-                  schedule="adaptive (global threshold)",
-                  threshold=threshold, threshold_units_removed=counts,
-                  phase_seconds=timer.seconds)
+    return finish(
+        plans,
+        "flap",
+        cfg,
+        adapter,
+        budget,
+        sizes=sizes,
+        schedule="adaptive (global threshold)",
+        threshold=threshold,
+        threshold_units_removed=counts,
+        phase_seconds=timer.seconds,
+    )

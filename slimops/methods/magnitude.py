@@ -2,6 +2,7 @@
 it owns (a query head its q rows and o columns, a KV group also its k/v rows, an FFN channel
 its gate/up rows and down column). Squared norms rank single units as the norm does and add
 up over the several units one GQA move removes. Weights are not changed."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,8 +27,14 @@ def prune(model, tokens, cfg: MagnitudeConfig, adapter=None) -> PruningPlan:
     layers = adapter.layers()
     ratios = layer_ratios(cfg.schedule, cfg.ratio, len(layers))
     budget = Budget()
-    plans = [budget.plan(owned_scores(adapter, layer, lambda m: m.weight.detach().float() ** 2),
-                         adapter.unit_costs(layer), *layer_targets(adapter, layer, r))
-             for layer, r in zip(layers, ratios)]
-    return finish(plans, "magnitude", cfg, adapter, budget, schedule=cfg.schedule,
-                  layer_ratios=ratios)
+    plans = [
+        budget.plan(
+            owned_scores(adapter, layer, lambda m: m.weight.detach().float() ** 2),
+            adapter.unit_costs(layer),
+            *layer_targets(adapter, layer, r),
+        )
+        for layer, r in zip(layers, ratios)
+    ]
+    return finish(
+        plans, "magnitude", cfg, adapter, budget, schedule=cfg.schedule, layer_ratios=ratios
+    )

@@ -7,6 +7,7 @@ through slimops.ops. `ReferenceSolver` (methods/slimgpt_reference.py) recomputes
 from H for every step, as the authors' code does. Both expose errors() / channel_errors() /
 remove(), so the selection policy in slimgpt.py runs unchanged on either.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,20 +23,23 @@ log = logging.getLogger("slimops")
 
 @dataclass
 class Damping:
-    value: float        # absolute lambda added to diag(H)
-    grown: int          # how many times it was multiplied by 10 to reach positive definiteness
+    value: float  # absolute lambda added to diag(H)
+    grown: int  # how many times it was multiplied by 10 to reach positive definiteness
 
 
-def damp_hessian(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01,
-                 max_grow: int = 6) -> tuple[torch.Tensor, Damping]:
+def damp_hessian(
+    H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01, max_grow: int = 6
+) -> tuple[torch.Tensor, Damping]:
     """H + lambda*I with lambda = percdamp * mean(diag H), grown x10 until Cholesky succeeds.
 
     Inputs that never fire (diag 0) get H_ii = 1 and their W columns zeroed (GPTQ's
     treatment): they carry no signal and would make H singular. Modifies W in place.
     """
     if not torch.isfinite(H).all():
-        raise FloatingPointError("the layer's Hessian has non-finite entries: the calibration "
-                                 "activations overflowed; use fp32 or check the model")
+        raise FloatingPointError(
+            "the layer's Hessian has non-finite entries: the calibration "
+            "activations overflowed; use fp32 or check the model"
+        )
     H = H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -46,19 +50,21 @@ def damp_hessian(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01,
         _, info = torch.linalg.cholesky_ex(damped)
         if info.item() == 0:
             if grown:
-                log.warning("Hessian not positive definite at %.0e damping; grown to %.3g "
-                            "(x10 %d times)", percdamp, lam, grown)
+                log.warning(
+                    "Hessian not positive definite at %.0e damping; grown to %.3g (x10 %d times)",
+                    percdamp,
+                    lam,
+                    grown,
+                )
             return damped, Damping(lam, grown)
         lam *= 10.0
     raise FloatingPointError(f"Hessian stays indefinite after damping grew to {lam:.3g}")
 
 
-def refit(W: torch.Tensor, H: torch.Tensor, kept: torch.Tensor,
-          G: torch.Tensor | None = None) -> torch.Tensor:
-    """Least-squares kept columns K: argmin_V E||V x_K - W y||^2 = W G[:, K] H[K, K]^-1 with
-    H = E[x x^T] (damped) and G = E[y x^T]; G = None means y = x (OBS's own target)."""
-    C = H if G is None else G
-    rhs = W.double() @ C[:, kept].double()
+def refit(W: torch.Tensor, H: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Least-squares kept columns K: argmin_V E||V x_K - W x||^2 = W H[:, K] H[K, K]^-1 with
+    H = E[x x^T] (damped): what OBS's removal of the other columns leaves, in one solve."""
+    rhs = W.double() @ H[:, kept].double()
     L = torch.linalg.cholesky(H[kept][:, kept].double())
     return torch.cholesky_solve(rhs.T, L).T.to(W.dtype)
 

@@ -12,6 +12,7 @@ goes), an FFN channel its gate/up rows and its down_proj column.
 The pass also keeps o_proj's and down_proj's damped input Hessians: search's fitness can
 compensate a candidate's kept columns with them (least squares, no second pass).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,12 +28,14 @@ from .search_space import LayerSpace
 @dataclass
 class LayerStats:
     space: LayerSpace
-    H_o: torch.Tensor          # damped Hessian of o_proj's input (CPU, fp32)
-    H_down: torch.Tensor       # damped Hessian of down_proj's input (CPU, fp32)
-    energy: float              # mean squared norm of the layer's output hidden states
+    H_o: torch.Tensor  # damped Hessian of o_proj's input (CPU, fp32)
+    H_down: torch.Tensor  # damped Hessian of down_proj's input (CPU, fp32)
+    energy: float  # mean squared norm of the layer's output hidden states
 
 
-def inverse_diagonal(H: torch.Tensor, W: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_diagonal(
+    H: torch.Tensor, W: torch.Tensor, percdamp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(diag(H_damped^-1), H_damped); W's columns of dead inputs are zeroed (GPTQ)."""
     H, _ = damp_hessian(H, W, percdamp)
     return torch.cholesky_inverse(torch.linalg.cholesky(H)).diagonal(), H
@@ -56,37 +59,74 @@ def layer_stats(work: LayerWork, percdamp: float, attn_macs: int) -> LayerStats:
     hd = adapter.head_dim
     up = adapter.linear(layer, "up")
     with OutputEnergy(layer) as energy:
-        H = work.hessians({"attn": adapter.linear(layer, "q"), "o": adapter.o_proj(layer),
-                           "mlp": up, "down": adapter.down_proj(layer)})
-    weight = {r: adapter.linear(layer, r).weight.float().clone()
-              for r in ("q", "k", "v", "o", "gate", "up", "down") if adapter.linear(layer, r) is not None}
+        H = work.hessians(
+            {
+                "attn": adapter.linear(layer, "q"),
+                "o": adapter.o_proj(layer),
+                "mlp": up,
+                "down": adapter.down_proj(layer),
+            }
+        )
+    weight = {
+        r: adapter.linear(layer, r).weight.float().clone()
+        for r in ("q", "k", "v", "o", "gate", "up", "down")
+        if adapter.linear(layer, r) is not None
+    }
     inv = {}
-    for name, roles in (("attn", ("q", "k", "v")), ("o", ("o",)), ("mlp", ("gate", "up")),
-                        ("down", ("down",))):
+    for name, roles in (
+        ("attn", ("q", "k", "v")),
+        ("o", ("o",)),
+        ("mlp", ("gate", "up")),
+        ("down", ("down",)),
+    ):
         W = torch.cat([weight[r] for r in roles if r in weight])
         inv[name], H[name] = inverse_diagonal(H[name], W, percdamp)
-    heads = row_saliency(weight["q"], inv["attn"]).view(nh, hd).sum(1) \
-        + column_saliency(weight["o"], inv["o"]).view(nh, hd).sum(1)
-    kv = row_saliency(weight["k"], inv["attn"]).view(nkv, hd).sum(1) \
-        + row_saliency(weight["v"], inv["attn"]).view(nkv, hd).sum(1)
+    heads = row_saliency(weight["q"], inv["attn"]).view(nh, hd).sum(1) + column_saliency(
+        weight["o"], inv["o"]
+    ).view(nh, hd).sum(1)
+    kv = row_saliency(weight["k"], inv["attn"]).view(nkv, hd).sum(1) + row_saliency(
+        weight["v"], inv["attn"]
+    ).view(nkv, hd).sum(1)
     channels = column_saliency(weight["down"], inv["down"])
     for r in ("gate", "up"):
         if r in weight:
             channels = channels + row_saliency(weight[r], inv["mlp"])
     costs = adapter.unit_costs(layer)
     linear = nh * costs["head"] + nkv * costs["kv_head"] + ffn * costs["channel"]
-    space = LayerSpace(nh, nkv, ffn, costs, adapter.layer_params(layer) - linear,
-                       heads.tolist(), kv.tolist(), channels.tolist(), attn_macs)
+    space = LayerSpace(
+        nh,
+        nkv,
+        ffn,
+        costs,
+        adapter.layer_params(layer) - linear,
+        heads.tolist(),
+        kv.tolist(),
+        channels.tolist(),
+        attn_macs,
+    )
     return LayerStats(space, H["o"].cpu(), H["down"].cpu(), energy.mean)
 
 
-def dense_pass(model, adapter, tokens: torch.Tensor, percdamp: float, context: int,
-               device="cpu", batch_size: int = 8) -> tuple[list[LayerStats], dict]:
+def dense_pass(
+    model,
+    adapter,
+    tokens: torch.Tensor,
+    percdamp: float,
+    context: int,
+    device="cpu",
+    batch_size: int = 8,
+) -> tuple[list[LayerStats], dict]:
     """LayerStats of every layer from one sequential pass over the DENSE model (nothing is
     pruned: layer i+1 sees dense layer-i outputs); phase timings."""
     stats: list[LayerStats] = []
-    attn_macs = 2 * adapter.head_dim * context        # q.k and p.v per kept head and token
-    timer = run_sequential(model, adapter, tokens, lambda w: stats.append(
-        layer_stats(w, percdamp, attn_macs)), device=device, batch_size=batch_size,
-        desc="search: saliency")
+    attn_macs = 2 * adapter.head_dim * context  # q.k and p.v per kept head and token
+    timer = run_sequential(
+        model,
+        adapter,
+        tokens,
+        lambda w: stats.append(layer_stats(w, percdamp, attn_macs)),
+        device=device,
+        batch_size=batch_size,
+        desc="search: saliency",
+    )
     return stats, timer.seconds

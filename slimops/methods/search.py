@@ -22,6 +22,7 @@ evolutionary search over per-layer widths under a budget, then reformation.
 4. Reformation (reformation.py) of the winner, layer by layer on all calibration tokens:
    closed-form OBS (default) or the paper's ADMM.
 """
+
 from __future__ import annotations
 
 import random
@@ -34,7 +35,14 @@ from tqdm.auto import tqdm
 from ..models import get_adapter
 from ..plan import PruningPlan
 from .align import check_align
-from .allocation import allocate, best_split, energy_weights, gradient_weights, layer_curve, layer_curves
+from .allocation import (
+    allocate,
+    best_split,
+    energy_weights,
+    gradient_weights,
+    layer_curve,
+    layer_curves,
+)
 from .common import PruneConfig, channels_to_remove
 from .obs_solver import ObsSolver
 from .reformation import REFORMATIONS, reform
@@ -48,45 +56,48 @@ BUDGETS = ("params", "macs")
 
 @dataclass
 class SearchConfig(PruneConfig):
-    schedule: None = None            # search chooses per-layer widths itself
+    schedule: None = None  # search chooses per-layer widths itself
     budget: str = field(default="params", metadata={"help": "params | macs (per token)"})
     generations: int = field(default=12, metadata={"help": "evolution generations"})
     population: int = field(default=24, metadata={"help": "candidates per generation"})
-    parents: int = 8                 # top-k candidates that breed
-    mutations: int = 12              # mutated children per generation
-    crossovers: int = 6              # crossover children per generation (rest: elites)
+    parents: int = 8  # top-k candidates that breed
+    mutations: int = 12  # mutated children per generation
+    crossovers: int = 6  # crossover children per generation (rest: elites)
     fitness: str = field(default="ppl", metadata={"help": "ppl | kl (to the dense model)"})
-    fitness_samples: int = 8         # calibration windows held in for fitness
-    fresh_batches: bool = False      # draw new fitness windows every generation
-    compensate: bool = True          # refit o/down kept columns inside fitness
-    reformation: str = "obs"         # obs | admm | none, applied to the winner
+    fitness_samples: int = 8  # calibration windows held in for fitness
+    fresh_batches: bool = False  # draw new fitness windows every generation
+    compensate: bool = True  # refit o/down kept columns inside fitness
+    reformation: str = "obs"  # obs | admm | none, applied to the winner
     admm_rho: float = 1.0
     admm_iters: int = 30
     search_depth: bool = field(default=False, metadata={"help": "also drop whole layers"})
-    inherit: float | None = None     # inheriting ratio gamma (None: the one meeting budget)
-    alpha: float = 0.8               # Alg. 1 overlap of a redrawn mask with the old one
-    p_width: float = 0.3             # per-layer width mutation probability
-    p_mask: float = 0.1              # per-layer mask (Alg. 1) mutation probability
-    p_depth: float = 0.05            # per-layer drop / restore probability (search_depth)
-    seed_allocation: bool = True     # also seed with slimgpt's OBS-error allocation widths
+    inherit: float | None = None  # inheriting ratio gamma (None: the one meeting budget)
+    alpha: float = 0.8  # Alg. 1 overlap of a redrawn mask with the old one
+    p_width: float = 0.3  # per-layer width mutation probability
+    p_mask: float = 0.1  # per-layer mask (Alg. 1) mutation probability
+    p_depth: float = 0.05  # per-layer drop / restore probability (search_depth)
+    seed_allocation: bool = True  # also seed with slimgpt's OBS-error allocation widths
     seed: int = 0
-    align: int | None = None         # FFN width step (None: 1/32 of the FFN)
+    align: int | None = None  # FFN width step (None: 1/32 of the FFN)
     percdamp: float = 0.01
-    cache_mb: float = 1024           # prefix-reuse cache of hidden states
+    cache_mb: float = 1024  # prefix-reuse cache of hidden states
 
     def __post_init__(self):
         super().__post_init__()
         self.align = check_align(self.align)
-        for name, value, allowed in (("budget", self.budget, BUDGETS),
-                                     ("fitness", self.fitness, FITNESS),
-                                     ("reformation", self.reformation, REFORMATIONS)):
+        for name, value, allowed in (
+            ("budget", self.budget, BUDGETS),
+            ("fitness", self.fitness, FITNESS),
+            ("reformation", self.reformation, REFORMATIONS),
+        ):
             if value not in allowed:
                 raise ValueError(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
         if self.schedule is not None:
             raise ValueError("search chooses per-layer widths itself; it takes no --schedule")
         if self.mutations + self.crossovers >= self.population or self.parents < 2:
-            raise ValueError("need population > mutations + crossovers (the rest are elites) "
-                             "and parents >= 2")
+            raise ValueError(
+                "need population > mutations + crossovers (the rest are elites) and parents >= 2"
+            )
 
 
 def _windows(tokens: torch.Tensor, n: int, rng: random.Random) -> torch.Tensor:
@@ -94,12 +105,14 @@ def _windows(tokens: torch.Tensor, n: int, rng: random.Random) -> torch.Tensor:
     return tokens[pick]
 
 
-def mutant(space: Space, parent: tuple, cfg: SearchConfig, rng: random.Random,
-           scale: float = 1.0) -> tuple:
+def mutant(
+    space: Space, parent: tuple, cfg: SearchConfig, rng: random.Random, scale: float = 1.0
+) -> tuple:
     """A mutated, repaired child; the layers the mutation changed are left to it."""
     depth = cfg.p_depth if cfg.search_depth else 0.0
-    child = space.mutate(parent, rng, scale * cfg.p_width, scale * cfg.p_mask, cfg.alpha,
-                         scale * depth)
+    child = space.mutate(
+        parent, rng, scale * cfg.p_width, scale * cfg.p_mask, cfg.alpha, scale * depth
+    )
     frozen = {i for i, (a, b) in enumerate(zip(parent, child)) if a != b}
     return space.repair(child, rng, frozen)
 
@@ -111,14 +124,20 @@ def allocation_seed(space: Space, model, adapter, stats, tokens, cfg: SearchConf
     curves, sizes, genes = [], [], []
     for i, layer in enumerate(adapter.layers()):
         o, down = adapter.o_proj(layer), adapter.down_proj(layer)
-        solvers = [ObsSolver(w.weight.float().clone().to(cfg.device), H.to(cfg.device))
-                   for w, H in ((o, stats[i].H_o), (down, stats[i].H_down))]
+        solvers = [
+            ObsSolver(w.weight.float().clone().to(cfg.device), H.to(cfg.device))
+            for w, H in ((o, stats[i].H_o), (down, stats[i].H_down))
+        ]
         curves.append(layer_curves(adapter, layer, *solvers))
         sizes.append(space.params(i, space.full(i)))
-    weights = (gradient_weights(model, adapter, tokens[:16], cfg.batch_size, cfg.device)
-               if adapter.causal_lm else energy_weights([st.energy for st in stats]))
-    ratios = allocate([layer_curve(c.heads, c.ffn) for c in curves], sizes, weights,
-                      cfg.ratio * sum(sizes), 0.9)
+    weights = (
+        gradient_weights(model, adapter, tokens[:16], cfg.batch_size, cfg.device)
+        if adapter.causal_lm
+        else energy_weights([st.energy for st in stats])
+    )
+    ratios = allocate(
+        [layer_curve(c.heads, c.ffn) for c in curves], sizes, weights, cfg.ratio * sum(sizes), 0.9
+    )
     for i, (c, r) in enumerate(zip(curves, ratios)):
         ls, target = space.layers[i], r * sizes[i]
         attn = best_split(c.heads, c.ffn, target)
@@ -128,13 +147,14 @@ def allocation_seed(space: Space, model, adapter, stats, tokens, cfg: SearchConf
     return tuple(genes)
 
 
-def initial_population(space: Space, cfg: SearchConfig, rng: random.Random,
-                       seeds: tuple = ()) -> list:
+def initial_population(
+    space: Space, cfg: SearchConfig, rng: random.Random, seeds: tuple = ()
+) -> list:
     """The salient sub-network at the inheriting ratio and any extra `seeds`, repaired into
     budget, and mutations of them (the paper's initial mutation rates: twice the later)."""
     if cfg.inherit is not None:
         gamma = cfg.inherit
-    else:                                    # the gamma whose uniform sub-network fits
+    else:  # the gamma whose uniform sub-network fits
         lo, hi = 0.0, 1.0
         for _ in range(30):
             mid = (lo + hi) / 2
@@ -155,8 +175,8 @@ def initial_population(space: Space, cfg: SearchConfig, rng: random.Random,
 
 def breed(space: Space, ranked: list, cfg: SearchConfig, rng: random.Random, seen: set) -> list:
     """Next generation: elites, mutated parents, crossovers of parents (no duplicates)."""
-    parents = ranked[:cfg.parents]
-    nxt = list(ranked[:cfg.population - cfg.mutations - cfg.crossovers])
+    parents = ranked[: cfg.parents]
+    nxt = list(ranked[: cfg.population - cfg.mutations - cfg.crossovers])
     for kind, count in (("mutation", cfg.mutations), ("crossover", cfg.crossovers)):
         made = 0
         for _ in range(50 * count):
@@ -183,8 +203,14 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
-def evolve(space: Space, evaluator: Evaluator, cfg: SearchConfig, rng: random.Random,
-           pool: torch.Tensor | None = None, seeds: tuple = ()) -> tuple[tuple, dict]:
+def evolve(
+    space: Space,
+    evaluator: Evaluator,
+    cfg: SearchConfig,
+    rng: random.Random,
+    pool: torch.Tensor | None = None,
+    seeds: tuple = (),
+) -> tuple[tuple, dict]:
     """Run the evolution; (best candidate, history for the report)."""
     pop, gamma = initial_population(space, cfg, rng, seeds)
     scores: dict = {}
@@ -197,13 +223,22 @@ def evolve(space: Space, evaluator: Evaluator, cfg: SearchConfig, rng: random.Ra
         for cand in pop:
             if cand not in scores:
                 scores[cand] = evaluator(cand)
-                history["candidates"].append({
-                    "generation": gen, "fitness": scores[cand],
-                    "params_removed": space.removed_params(cand),
-                    "macs_removed": space.removed_macs(cand)})
+                history["candidates"].append(
+                    {
+                        "generation": gen,
+                        "fitness": scores[cand],
+                        "params_removed": space.removed_params(cand),
+                        "macs_removed": space.removed_macs(cand),
+                    }
+                )
         ranked = sorted(pop, key=scores.__getitem__)
-        history["generations"].append({"generation": gen, "best": scores[ranked[0]],
-                                       "median": scores[ranked[len(ranked) // 2]]})
+        history["generations"].append(
+            {
+                "generation": gen,
+                "best": scores[ranked[0]],
+                "median": scores[ranked[len(ranked) // 2]],
+            }
+        )
         bar.set_postfix(best=f"{scores[ranked[0]]:.4g}")
         if gen + 1 < cfg.generations:
             pop = breed(space, ranked, cfg, rng, seen)
@@ -217,34 +252,65 @@ def prune(model, tokens: torch.Tensor, cfg: SearchConfig, adapter=None) -> Pruni
     rng = random.Random(cfg.seed)
     start = time.perf_counter()
     context = tokens.shape[1]
-    stats, saliency_s = dense_pass(model, adapter, tokens, cfg.percdamp, context, cfg.device,
-                                   cfg.batch_size)
-    space = Space([s.space for s in stats], cfg.align or 0, cfg.budget, cfg.ratio,
-                  depth=cfg.search_depth)
-    seeds = (allocation_seed(space, model, adapter, stats, tokens, cfg),) if cfg.seed_allocation else ()
+    stats, saliency_s = dense_pass(
+        model, adapter, tokens, cfg.percdamp, context, cfg.device, cfg.batch_size
+    )
+    space = Space(
+        [s.space for s in stats], cfg.align or 0, cfg.budget, cfg.ratio, depth=cfg.search_depth
+    )
+    seeds = (
+        (allocation_seed(space, model, adapter, stats, tokens, cfg),) if cfg.seed_allocation else ()
+    )
     fit_tokens = _windows(tokens, cfg.fitness_samples, rng)
     home = next(model.parameters()).device
-    evaluator = Evaluator(model, adapter, fit_tokens, cfg.fitness, cfg.device, cfg.batch_size,
-                          Compensator(adapter, stats, cfg.device) if cfg.compensate else None,
-                          cfg.cache_mb)
+    evaluator = Evaluator(
+        model,
+        adapter,
+        fit_tokens,
+        cfg.fitness,
+        cfg.device,
+        cfg.batch_size,
+        Compensator(adapter, stats, cfg.device) if cfg.compensate else None,
+        cfg.cache_mb,
+    )
     search_start = time.perf_counter()
     best, history = evolve(space, evaluator, cfg, rng, tokens, seeds)
     search_s = time.perf_counter() - search_start
     del evaluator
     model.to(home)
     plan = PruningPlan([g.plan() for g in best], method="search", target_ratio=cfg.ratio)
-    reform_s = reform(model, adapter, tokens, plan, cfg.reformation, cfg.device,
-                      cfg.batch_size, cfg.percdamp, cfg.admm_rho, cfg.admm_iters)
+    reform_s = reform(
+        model,
+        adapter,
+        tokens,
+        plan,
+        cfg.reformation,
+        cfg.device,
+        cfg.batch_size,
+        cfg.percdamp,
+        cfg.admm_rho,
+        cfg.admm_iters,
+    )
     plan.info = {
-        "budget": cfg.budget, "fitness": cfg.fitness, "compensate": cfg.compensate,
-        "reformation": cfg.reformation, "inherit": history.pop("inherit"),
-        "search_seconds": search_s, "saliency_seconds": sum(saliency_s.values()),
+        "budget": cfg.budget,
+        "fitness": cfg.fitness,
+        "compensate": cfg.compensate,
+        "reformation": cfg.reformation,
+        "inherit": history.pop("inherit"),
+        "search_seconds": search_s,
+        "saliency_seconds": sum(saliency_s.values()),
         "reformation_seconds": sum(reform_s.values()),
         "total_seconds": time.perf_counter() - start,
         "candidates_evaluated": len(history["candidates"]),
         "candidates_per_second": len(history["candidates"]) / max(search_s, 1e-9),
-        "params_removed": space.removed_params(best), "macs_removed": space.removed_macs(best),
-        "pareto_params": pareto([(1 - c["params_removed"], c["fitness"]) for c in history["candidates"]]),
-        "pareto_macs": pareto([(1 - c["macs_removed"], c["fitness"]) for c in history["candidates"]]),
-        **history}
+        "params_removed": space.removed_params(best),
+        "macs_removed": space.removed_macs(best),
+        "pareto_params": pareto(
+            [(1 - c["params_removed"], c["fitness"]) for c in history["candidates"]]
+        ),
+        "pareto_macs": pareto(
+            [(1 - c["macs_removed"], c["fitness"]) for c in history["candidates"]]
+        ),
+        **history,
+    }
     return plan

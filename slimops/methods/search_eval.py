@@ -12,6 +12,7 @@ the dense-input Hessians of the saliency pass (the reformation the winner gets, 
 the search: W_K' = W H[:, K] H[K, K]^-1), cached per layer gene, so fitness ranks candidates
 by roughly what they will score after reformation instead of by their raw masks.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -40,24 +41,38 @@ class Compensator:
             cols = head_rows(list(gene.heads), self.adapter.head_dim)
             ch = torch.as_tensor(gene.channels, dtype=torch.long)
             self.cache[key] = {
-                "o": refit(o.weight.float(), st.H_o.to(self.device), cols.to(self.device)).to(o.weight.dtype),
-                "down": refit(down.weight.float(), st.H_down.to(self.device),
-                              ch.to(self.device)).to(down.weight.dtype)}
+                "o": refit(o.weight.float(), st.H_o.to(self.device), cols.to(self.device)).to(
+                    o.weight.dtype
+                ),
+                "down": refit(
+                    down.weight.float(), st.H_down.to(self.device), ch.to(self.device)
+                ).to(down.weight.dtype),
+            }
         return self.cache[key]
 
 
 class Evaluator:
     """fitness(candidate) -> float (lower is better), with prefix reuse."""
 
-    def __init__(self, model, adapter, tokens: torch.Tensor, fitness: str, device,
-                 batch_size: int = 8, compensator: Compensator | None = None,
-                 cache_mb: float = 1024):
+    def __init__(
+        self,
+        model,
+        adapter,
+        tokens: torch.Tensor,
+        fitness: str,
+        device,
+        batch_size: int = 8,
+        compensator: Compensator | None = None,
+        cache_mb: float = 1024,
+    ):
         self.model, self.adapter, self.fitness = model, adapter, fitness
         self.device, self.compensator = torch.device(device), compensator
         self.causal = adapter.causal_lm
         if fitness == "ppl" and not self.causal:
-            raise ValueError("--fitness ppl needs a causal LM; encoders use --fitness kl "
-                             "(distance to the dense embeddings)")
+            raise ValueError(
+                "--fitness ppl needs a causal LM; encoders use --fitness kl "
+                "(distance to the dense embeddings)"
+            )
         model.to(self.device)
         self.batch_size, self.cache_limit = batch_size, cache_mb * 2**20
         self.gene_ids: dict = {}
@@ -66,14 +81,18 @@ class Evaluator:
 
     def reset(self, tokens: torch.Tensor) -> None:
         """Evaluate on these calibration windows from now on (fresh batches)."""
-        self.inputs, self.kwargs = capture_inputs(self.adapter, tokens, self.batch_size,
-                                                  self.device)
-        self.tokens = [tokens[i:i + self.batch_size].to(self.device)
-                       for i in range(0, tokens.shape[0], self.batch_size)]
+        self.inputs, self.kwargs = capture_inputs(
+            self.adapter, tokens, self.batch_size, self.device
+        )
+        self.tokens = [
+            tokens[i : i + self.batch_size].to(self.device)
+            for i in range(0, tokens.shape[0], self.batch_size)
+        ]
         self.cache, self.cache_bytes = OrderedDict(), 0
-        needs_reference = self.fitness == "kl" or not self.causal   # ppl needs the tokens only
-        self.reference = [self._reference(h) for h in self._dense_outputs()] \
-            if needs_reference else None
+        needs_reference = self.fitness == "kl" or not self.causal  # ppl needs the tokens only
+        self.reference = (
+            [self._reference(h) for h in self._dense_outputs()] if needs_reference else None
+        )
 
     # ---- forward ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -105,7 +124,7 @@ class Evaluator:
                 with virtual_layer(self.adapter, layers[k], gene.plan(), replace):
                     hidden = self._layer_forward(layers[k], hidden)
                 self.layers_run += 1
-            self._store((i, *key[:k + 1]), hidden)
+            self._store((i, *key[: k + 1]), hidden)
         return hidden
 
     def _store(self, key, hidden: torch.Tensor) -> None:
@@ -131,15 +150,18 @@ class Evaluator:
     def __call__(self, cand) -> float:
         self.evaluated += 1
         total, count = 0.0, 0
-        for i, hidden in enumerate(self.inputs):
+        for i in range(len(self.inputs)):
             out = self._head(self._final(i, cand))
             if not self.causal:
                 total += float((1 - (out * self.reference[i]).sum(-1)).sum())
                 count += out.shape[0]
             elif self.fitness == "ppl":
                 ids = self.tokens[i]
-                total += float(F.cross_entropy(out[:, :-1].flatten(0, 1).float(),
-                                               ids[:, 1:].flatten(), reduction="sum"))
+                total += float(
+                    F.cross_entropy(
+                        out[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
+                    )
+                )
                 count += ids[:, 1:].numel()
             else:
                 logp = F.log_softmax(out.float(), -1)

@@ -11,6 +11,7 @@ second-order saliency Phi_ij = W_ij^2 / [H^-1]_jj over the weights it owns, sear
 a width keeps the most salient units. The paper's mask mutation (Alg. 1) then redraws a
 layer's kept set at random, keeping at least alpha of the old one.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,10 +23,10 @@ from ..plan import LayerPlan
 
 @dataclass(frozen=True)
 class Gene:
-    kv: tuple[int, ...]            # kept KV groups
-    heads: tuple[int, ...]         # kept query heads (sorted; equal count per kept group)
-    channels: tuple[int, ...]      # kept FFN channels (sorted)
-    dropped: bool = False          # the whole layer removed (depth search)
+    kv: tuple[int, ...]  # kept KV groups
+    heads: tuple[int, ...]  # kept query heads (sorted; equal count per kept group)
+    channels: tuple[int, ...]  # kept FFN channels (sorted)
+    dropped: bool = False  # the whole layer removed (depth search)
 
     def plan(self) -> LayerPlan:
         return LayerPlan(list(self.heads), list(self.kv), list(self.channels), self.dropped)
@@ -36,12 +37,12 @@ class LayerSpace:
     num_heads: int
     num_kv: int
     ffn: int
-    costs: dict                    # params per head / kv head / channel (adapter.unit_costs)
-    fixed: int                     # params no width removes (norms, o/down biases)
-    head_scores: list[float]       # saliency of every unit (higher = keep)
+    costs: dict  # params per head / kv head / channel (adapter.unit_costs)
+    fixed: int  # params no width removes (norms, o/down biases)
+    head_scores: list[float]  # saliency of every unit (higher = keep)
     kv_scores: list[float]
     channel_scores: list[float]
-    attn_macs: int                 # attention MACs per kept query head per token (context)
+    attn_macs: int  # attention MACs per kept query head per token (context)
 
     @property
     def rep(self) -> int:
@@ -51,15 +52,22 @@ class LayerSpace:
 class Space:
     """Per-layer limits, costs and saliency, the budget, and the moves of the search."""
 
-    def __init__(self, layers: list[LayerSpace], step: int, budget: str, ratio: float,
-                 tolerance: float = 0.005, depth: bool = False):
+    def __init__(
+        self,
+        layers: list[LayerSpace],
+        step: int,
+        budget: str,
+        ratio: float,
+        tolerance: float = 0.005,
+        depth: bool = False,
+    ):
         self.layers, self.budget, self.ratio, self.depth = layers, budget, ratio, depth
         self.steps = [step if step else max(1, ls.ffn // 32) for ls in layers]
         full = [self.full(i) for i in range(len(layers))]
         self.dense_params = sum(self.params(i, g) for i, g in enumerate(full))
         self.dense_macs = sum(self.macs(i, g) for i, g in enumerate(full))
         self.dense = self.dense_params if budget == "params" else self.dense_macs
-        self.target = (1.0 - ratio) * self.dense          # what a candidate may keep
+        self.target = (1.0 - ratio) * self.dense  # what a candidate may keep
         self.tolerance = tolerance * self.dense
 
     # ---- sizes -------------------------------------------------------------------------
@@ -67,8 +75,12 @@ class Space:
         if g.dropped:
             return 0.0
         ls, c = self.layers[i], self.layers[i].costs
-        return ls.fixed + len(g.heads) * c["head"] + len(g.kv) * c["kv_head"] \
+        return (
+            ls.fixed
+            + len(g.heads) * c["head"]
+            + len(g.kv) * c["kv_head"]
             + len(g.channels) * c["channel"]
+        )
 
     def macs(self, i: int, g: Gene) -> float:
         """MACs per token: the weights' (params less norms and o/down biases) + attention."""
@@ -110,17 +122,26 @@ class Space:
 
         def best(pool, n, score, kept=()):
             kept = set(kept)
-            return sorted(sorted(pool, key=lambda u: (*prefer(kept, u), score(u)), reverse=True)[:n])
+            return sorted(
+                sorted(pool, key=lambda u: (*prefer(kept, u), score(u)), reverse=True)[:n]
+            )
 
-        group_score = [ls.kv_scores[g] + sum(ls.head_scores[g * ls.rep:(g + 1) * ls.rep])
-                       for g in range(ls.num_kv)]
+        group_score = [
+            ls.kv_scores[g] + sum(ls.head_scores[g * ls.rep : (g + 1) * ls.rep])
+            for g in range(ls.num_kv)
+        ]
         kv = best(range(ls.num_kv), n_kv, group_score.__getitem__, base.kv if base else ())
         heads = []
         for g in kv:
-            heads += best(range(g * ls.rep, (g + 1) * ls.rep), per_group,
-                          ls.head_scores.__getitem__, base.heads if base else ())
-        channels = best(range(ls.ffn), width, ls.channel_scores.__getitem__,
-                        base.channels if base else ())
+            heads += best(
+                range(g * ls.rep, (g + 1) * ls.rep),
+                per_group,
+                ls.head_scores.__getitem__,
+                base.heads if base else (),
+            )
+        channels = best(
+            range(ls.ffn), width, ls.channel_scores.__getitem__, base.channels if base else ()
+        )
         return Gene(tuple(kv), tuple(sorted(heads)), tuple(channels))
 
     def widths(self, i: int, g: Gene) -> tuple[int, int, int]:
@@ -148,8 +169,15 @@ class Space:
         return tuple(genes)
 
     # ---- the search's moves -----------------------------------------------------------
-    def mutate(self, cand, rng: random.Random, p_width: float, p_mask: float,
-               alpha: float = 0.8, p_depth: float = 0.0) -> tuple[Gene, ...]:
+    def mutate(
+        self,
+        cand,
+        rng: random.Random,
+        p_width: float,
+        p_mask: float,
+        alpha: float = 0.8,
+        p_depth: float = 0.0,
+    ) -> tuple[Gene, ...]:
         out = list(cand)
         for i, g in enumerate(out):
             alive = sum(not x.dropped for x in out)
@@ -214,8 +242,10 @@ class Space:
                     out[i] = g
                     break
             else:
-                raise ValueError(f"no candidate of this space meets the budget "
-                                 f"(ratio {self.ratio}); lower --ratio")
+                raise ValueError(
+                    f"no candidate of this space meets the budget "
+                    f"(ratio {self.ratio}); lower --ratio"
+                )
         raise RuntimeError("repair did not converge")
 
     def _move_toward(self, i: int, g: Gene, sign: int, gap: float) -> Gene | None:

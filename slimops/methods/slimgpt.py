@@ -17,6 +17,7 @@ With `align=N` (methods/align.py) attention loses whole KV groups only, the FFN 
 rest of the layer's target at a kept width that is a multiple of N, and per-layer ratios are
 capped at what such a layer can lose.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,58 +31,63 @@ from ..models import get_adapter
 from ..plan import LayerPlan, PruningPlan
 from ..schedules import layer_ratios
 from ..sequential import LayerWork, run_sequential
-from ..slicing import head_rows
 from .align import aligned_ratios, aligned_removal, check_align, kept_widths
-from .allocation import (OutputEnergy, allocate, best_split, energy_weights, gradient_weights,
-                         layer_curve, layer_curves)
+from .allocation import (
+    OutputEnergy,
+    allocate,
+    best_split,
+    energy_weights,
+    gradient_weights,
+    layer_curve,
+    layer_curves,
+)
 from .common import Budget, PruneConfig, channels_to_remove, finish, remove_heads
-from .obs_solver import ObsScorer, ObsSolver, damp_hessian, refit
+from .obs_solver import ObsScorer, ObsSolver, damp_hessian
 from .slimgpt_reference import ReferenceSolver
-
 
 SPLITS = ("equal", "obs")
 
 
 @dataclass
 class SlimGPTConfig(PruneConfig):
-    schedule: str | list = "log"            # log | linear | uniform | obs | per-layer list
-    split: str = "equal"                    # heads vs FFN in a layer: equal (the paper: the
-                                            # layer's ratio of its query heads, the FFN the
-                                            # rest) | obs (least OBS error, allocation.py)
-    max_layer_ratio: float = 0.9            # cap on any layer's ratio (schedules log, obs)
-    layer_weights: str = "gradient"         # schedule obs: gradient (Fisher) | energy
-    gradient_samples: int = 16              # calibration sequences for gradient weights
-    target: str = "pruned"                  # what o/down's kept columns are refit to match:
-                                            # pruned (SlimGPT: W x on the pruned model's
-                                            # inputs) | dense (W x_dense: the dense model's
-                                            # outputs, so upstream error is corrected too)
-    percdamp: float = 0.01                  # damping, fraction of mean diag(H)
-    min_group: int = 8                      # smallest FFN group of Dynamic Group Size
-    reference: bool = False                 # the slow paper-faithful solver (tests, benchmarks)
-    align: int | None = None                # FFN widths multiple of N, whole KV groups only
-                                            # (None or 1: off; CLI default: align.default_align)
-    whole_kv_groups: bool = True            # with align: False aligns the FFN only (heads
-                                            # pruned as unaligned; see align.py's numbers)
+    schedule: str | list = "log"  # log | linear | uniform | obs | per-layer list
+    split: str = "equal"  # heads vs FFN in a layer: equal (the paper: the
+    # layer's ratio of its query heads, the FFN the
+    # rest) | obs (least OBS error, allocation.py)
+    max_layer_ratio: float = 0.9  # cap on any layer's ratio (schedules log, obs)
+    layer_weights: str = "gradient"  # schedule obs: gradient (Fisher) | energy
+    gradient_samples: int = 16  # calibration sequences for gradient weights
+    percdamp: float = 0.01  # damping, fraction of mean diag(H)
+    min_group: int = 8  # smallest FFN group of Dynamic Group Size
+    reference: bool = False  # the slow paper-faithful solver (tests, benchmarks)
+    align: int | None = None  # FFN widths multiple of N, whole KV groups only
+    # (None or 1: off; CLI default: align.default_align)
+    whole_kv_groups: bool = True  # with align: False aligns the FFN only (heads
+    # pruned as unaligned; see align.py's numbers)
 
     def __post_init__(self):
         super().__post_init__()
         self.align = check_align(self.align)
         if not 0.0 <= self.percdamp:
             raise ValueError(f"percdamp {self.percdamp} must be >= 0")
-        if self.target not in ("pruned", "dense"):
-            raise ValueError(f"target {self.target!r}: choose pruned or dense")
         if self.split not in SPLITS:
             raise ValueError(f"split {self.split!r}: choose one of {', '.join(SPLITS)}")
         if not self.ratio < self.max_layer_ratio < 1.0:
             raise ValueError(f"max_layer_ratio {self.max_layer_ratio} must lie in (ratio, 1)")
 
 
-def prune_heads(solver, num_heads: int, num_kv: int, head_dim: int, costs: dict,
-                target: float, whole_groups: bool = False) -> tuple[list[int], list[int], int]:
+def prune_heads(
+    solver,
+    num_heads: int,
+    num_kv: int,
+    head_dim: int,
+    costs: dict,
+    target: float,
+    whole_groups: bool = False,
+) -> tuple[list[int], list[int], int]:
     """Batched Greedy Pruning under GQA: common.remove_heads scored by OBS errors, each
     removal compensating o_proj and downdating Hinv. Kept heads, kept KV heads, removed."""
-    return remove_heads(ObsScorer(solver, head_dim), num_heads, num_kv, costs, target,
-                        whole_groups)
+    return remove_heads(ObsScorer(solver, head_dim), num_heads, num_kv, costs, target, whole_groups)
 
 
 def prune_channels(solver, n_remove: int, min_group: int) -> list[int]:
@@ -107,8 +113,13 @@ def _solver(cfg: SlimGPTConfig, W: torch.Tensor, H: torch.Tensor, damping: list)
 def _curves(cfg: SlimGPTConfig, adapter, layer, head_solver, H_down: torch.Tensor, costs):
     """(head curve, FFN curve) of one layer from copies of its solvers (allocation.py)."""
     down = _solver(cfg, adapter.down_proj(layer).weight.float().clone(), H_down, [])
-    c = layer_curves(adapter, layer, copy.deepcopy(head_solver), down,
-                     whole_groups=bool(cfg.align) and cfg.whole_kv_groups)
+    c = layer_curves(
+        adapter,
+        layer,
+        copy.deepcopy(head_solver),
+        down,
+        whole_groups=bool(cfg.align) and cfg.whole_kv_groups,
+    )
     return c.heads, c.ffn
 
 
@@ -123,26 +134,19 @@ def _attention_target(cfg, adapter, layer, solver, H_down, costs, ratio, target)
     else:
         attn_target = min(ratio * nh * costs["head"], target)
     narrowest = min(kept_widths(ffn, cfg.align)) if cfg.align else 1
-    forced = target - (ffn - narrowest) * costs["channel"]     # beyond the FFN's reach
+    forced = target - (ffn - narrowest) * costs["channel"]  # beyond the FFN's reach
     if attn_target < forced:
         return forced, False, 1.0
-    if cfg.split == "obs" or cfg.align:       # whole moves in params
+    if cfg.split == "obs" or cfg.align:  # whole moves in params
         return attn_target, False, 0.0 if cfg.split == "obs" else 0.5
     # in query heads; an MHA head move also frees its k/v rows, counted in params below
     return attn_target / costs["head"], True, 0.5
 
 
-def _refit_to_dense(solver, W_dense: torch.Tensor, G: torch.Tensor) -> None:
-    """Replace the solver's kept columns by the least-squares fit to the DENSE layer's
-    output W x_dense (obs_solver.refit with G = E[x_dense x^T]); removed columns stay 0."""
-    kept = solver.alive.nonzero().squeeze(1)
-    W = solver.W
-    W[:, kept] = refit(W_dense, solver.H, kept, G).to(W.dtype)
-
-
 @torch.no_grad()
-def prune_layer(work: LayerWork, cfg: SlimGPTConfig, ratio: float, budget: Budget,
-                damping: list) -> LayerPlan:
+def prune_layer(
+    work: LayerWork, cfg: SlimGPTConfig, ratio: float, budget: Budget, damping: list
+) -> LayerPlan:
     adapter, layer = work.adapter, work.layer
     nh, nkv, ffn = adapter.layer_shape(layer)
     costs = adapter.unit_costs(layer)
@@ -150,28 +154,29 @@ def prune_layer(work: LayerWork, cfg: SlimGPTConfig, ratio: float, budget: Budge
 
     o_proj, down = adapter.o_proj(layer), adapter.down_proj(layer)
     # split="obs" also needs down_proj's Hessian before the heads go: same forward pass
-    H = work.hessians({"o_proj": o_proj, "down_proj": down} if cfg.split == "obs"
-                      else {"o_proj": o_proj})
-    if cfg.target == "dense":
-        H["o_proj"], G = work.paired_inputs(["o"])["o"]
+    H = work.hessians(
+        {"o_proj": o_proj, "down_proj": down} if cfg.split == "obs" else {"o_proj": o_proj}
+    )
     with work.timer("obs", work.device):
         W = o_proj.weight.float().clone()
         solver = _solver(cfg, W, H["o_proj"], damping)
         # (the least-error split lands on a move boundary: overshoot 0 replays those moves)
         attn_target, in_heads, overshoot = _attention_target(
-            cfg, adapter, layer, solver, H.get("down_proj"), costs, ratio, target)
+            cfg, adapter, layer, solver, H.get("down_proj"), costs, ratio, target
+        )
         heads, kv, removed = remove_heads(
-            ObsScorer(solver, adapter.head_dim), nh, nkv, costs, attn_target,
-            whole_groups=bool(cfg.align) and cfg.whole_kv_groups, overshoot=overshoot,
-            in_heads=in_heads)
-        if cfg.target == "dense":
-            _refit_to_dense(solver, o_proj.weight.float(), G)
+            ObsScorer(solver, adapter.head_dim),
+            nh,
+            nkv,
+            costs,
+            attn_target,
+            whole_groups=bool(cfg.align) and cfg.whole_kv_groups,
+            overshoot=overshoot,
+            in_heads=in_heads,
+        )
         o_proj.weight.copy_(solver.W)
 
-    if cfg.target == "dense":
-        H, G = work.paired_inputs(["down"])["down"]
-    else:
-        H = work.hessians({"down_proj": down})["down_proj"]
+    H = work.hessians({"down_proj": down})["down_proj"]
     with work.timer("obs", work.device):
         W = down.weight.float().clone()
         solver = _solver(cfg, W, H, damping)
@@ -180,8 +185,6 @@ def prune_layer(work: LayerWork, cfg: SlimGPTConfig, ratio: float, budget: Budge
         else:
             n_remove = channels_to_remove(target - removed, costs["channel"], ffn)
         channels = prune_channels(solver, n_remove, cfg.min_group)
-        if cfg.target == "dense":
-            _refit_to_dense(solver, down.weight.float(), G)
         down.weight.copy_(solver.W)
     budget.close(target, removed + n_remove * costs["channel"])
     return LayerPlan(heads, kv, channels)
@@ -197,20 +200,36 @@ def obs_schedule(model, adapter, tokens: torch.Tensor, cfg: SlimGPTConfig) -> li
     def collect(work: LayerWork) -> None:
         layer = work.layer
         with OutputEnergy(layer) as energy:
-            H = work.hessians({"o_proj": adapter.o_proj(layer), "down_proj": adapter.down_proj(layer)})
+            H = work.hessians(
+                {"o_proj": adapter.o_proj(layer), "down_proj": adapter.down_proj(layer)}
+            )
         with work.timer("obs", work.device):
             W = adapter.o_proj(layer).weight.float().clone()
-            heads, ffn = _curves(cfg, adapter, layer, _solver(cfg, W, H["o_proj"], []),
-                                 H["down_proj"], adapter.unit_costs(layer))
+            heads, ffn = _curves(
+                cfg,
+                adapter,
+                layer,
+                _solver(cfg, W, H["o_proj"], []),
+                H["down_proj"],
+                adapter.unit_costs(layer),
+            )
         curves.append(layer_curve(heads, ffn))
         energies.append(energy.mean)
 
-    run_sequential(model, adapter, tokens, collect, device=cfg.device,
-                   batch_size=cfg.batch_size, desc="slimgpt: error curves")
+    run_sequential(
+        model,
+        adapter,
+        tokens,
+        collect,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        desc="slimgpt: error curves",
+    )
     sizes = [adapter.layer_params(layer) for layer in adapter.layers()]
     if adapter.causal_lm and cfg.layer_weights == "gradient":
-        weights = gradient_weights(model, adapter, tokens[:cfg.gradient_samples], cfg.batch_size,
-                                   cfg.device)
+        weights = gradient_weights(
+            model, adapter, tokens[: cfg.gradient_samples], cfg.batch_size, cfg.device
+        )
     else:
         weights = energy_weights(energies)
     return allocate(curves, sizes, weights, cfg.ratio * sum(sizes), cfg.max_layer_ratio)
@@ -224,17 +243,33 @@ def prune(model, tokens: torch.Tensor, cfg: SlimGPTConfig, adapter=None) -> Prun
     else:
         ratios = layer_ratios(cfg.schedule, cfg.ratio, len(adapter.layers()), cfg.max_layer_ratio)
     align_info = {}
-    if cfg.align:      # before any work: cap layers at what whole groups + N-multiples allow
+    if cfg.align:  # before any work: cap layers at what whole groups + N-multiples allow
         ratios, align_info = aligned_ratios(adapter, ratios, cfg.align, cfg.whole_kv_groups)
     budget, damping, plans = Budget(), [], []
     accumulate, batch_size = ops.hessian_accumulate, cfg.batch_size
-    if cfg.reference:   # as the authors' (SparseGPT-derived) code: one sequence per forward,
-        accumulate, batch_size = hessian_reference.hessian_accumulate, 1   # fp32 addmm into H
-    timer = run_sequential(model, adapter, tokens, lambda w: plans.append(
-        prune_layer(w, cfg, ratios[w.index], budget, damping)), device=cfg.device,
-        batch_size=batch_size, desc="slimgpt" + (" (reference)" if cfg.reference else ""),
-        accumulate=accumulate, track_dense=cfg.target == "dense")
-    return finish(plans, "slimgpt", cfg, adapter, budget, schedule=cfg.schedule,
-                  split=cfg.split, layer_ratios=ratios, percdamp=cfg.percdamp,
-                  damping_grown=sum(d.grown for d in damping), **align_info,
-                  phase_seconds=timer.seconds)
+    if cfg.reference:  # as the authors' (SparseGPT-derived) code: one sequence per forward,
+        accumulate, batch_size = hessian_reference.hessian_accumulate, 1  # fp32 addmm into H
+    timer = run_sequential(
+        model,
+        adapter,
+        tokens,
+        lambda w: plans.append(prune_layer(w, cfg, ratios[w.index], budget, damping)),
+        device=cfg.device,
+        batch_size=batch_size,
+        desc="slimgpt" + (" (reference)" if cfg.reference else ""),
+        accumulate=accumulate,
+    )
+    return finish(
+        plans,
+        "slimgpt",
+        cfg,
+        adapter,
+        budget,
+        schedule=cfg.schedule,
+        split=cfg.split,
+        layer_ratios=ratios,
+        percdamp=cfg.percdamp,
+        damping_grown=sum(d.grown for d in damping),
+        **align_info,
+        phase_seconds=timer.seconds,
+    )

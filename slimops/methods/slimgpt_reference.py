@@ -3,6 +3,7 @@ over the kept columns R and scores groups one at a time with explicit inverses, 
 authors' code does. The fast ObsSolver must pick the same units and give the same weights
 (tests/test_slimgpt.py); benchmarks/bench_prune.py times the two against each other.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,7 @@ class ReferenceSolver:
     def errors(self, groups: torch.Tensor) -> torch.Tensor:
         Hinv = self._hinv()
         out = []
-        for S in groups:                     # one group at a time
+        for S in groups:  # one group at a time
             W_S = self.W[:, S]
             out.append(torch.trace(W_S @ torch.linalg.inv(Hinv[S][:, S]) @ W_S.T))
         return torch.stack(out)

@@ -10,6 +10,7 @@ a query head owns its q rows and o columns, a KV group also its k/v rows, an FFN
 gate/up rows and down column. Selection, per-layer ratios and the rounding carry are the
 shared machinery (common.plan_layer / Budget). Weights are not changed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,14 +25,19 @@ from .common import Budget, PruneConfig, UnitScores, finish, layer_targets, owne
 
 @dataclass
 class TaylorConfig(PruneConfig):
-    schedule: str | list = "uniform"        # LLM-Pruner's setting
+    schedule: str | list = "uniform"  # LLM-Pruner's setting
+
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def _projection_weights(adapter) -> list[torch.nn.Parameter]:
-    return [m.weight for layer in adapter.layers() for role in ROLES
-            if (m := adapter.linear(layer, role)) is not None]
+    return [
+        m.weight
+        for layer in adapter.layers()
+        for role in ROLES
+        if (m := adapter.linear(layer, role)) is not None
+    ]
 
 
 def accumulate_gradients(model, tokens: torch.Tensor, batch_size: int) -> None:
@@ -43,19 +49,22 @@ def accumulate_gradients(model, tokens: torch.Tensor, batch_size: int) -> None:
     n = tokens.shape[0]
     with torch.enable_grad():
         for start in range(0, n, batch_size):
-            batch = tokens[start:start + batch_size].to(device)
+            batch = tokens[start : start + batch_size].to(device)
             out = model(input_ids=batch, labels=batch, use_cache=False)
             (out.loss * (batch.shape[0] / n)).backward()
 
 
-def taylor_scores(model, tokens: torch.Tensor, adapter, batch_size: int = 8,
-                  device="cpu") -> list[UnitScores]:
+def taylor_scores(
+    model, tokens: torch.Tensor, adapter, batch_size: int = 8, device="cpu"
+) -> list[UnitScores]:
     """Per-layer UnitScores of sum |W * dL/dW|. Only projection weights get gradients
     (embeddings, norms and lm_head are frozen for the pass: less memory, same scores);
     requires_grad flags, .grad and the model's device are restored afterwards."""
     if not getattr(adapter, "causal_lm", True):
-        raise ValueError("taylor needs a language-model loss: it supports causal LMs only "
-                         "(use magnitude, wanda-sp or flap for encoders)")
+        raise ValueError(
+            "taylor needs a language-model loss: it supports causal LMs only "
+            "(use magnitude, wanda-sp or flap for encoders)"
+        )
     home = next(model.parameters()).device
     flags = {p: p.requires_grad for p in model.parameters()}
     model.to(device)
@@ -68,9 +77,12 @@ def taylor_scores(model, tokens: torch.Tensor, adapter, batch_size: int = 8,
             w.grad = None
         accumulate_gradients(model, tokens, batch_size)
         with torch.no_grad():
-            return [owned_scores(adapter, layer,
-                                 lambda m: (m.weight.detach().double() * m.weight.grad).abs())
-                    for layer in adapter.layers()]
+            return [
+                owned_scores(
+                    adapter, layer, lambda m: (m.weight.detach().double() * m.weight.grad).abs()
+                )
+                for layer in adapter.layers()
+            ]
     finally:
         for w in weights:
             w.grad = None
@@ -87,7 +99,8 @@ def prune(model, tokens: torch.Tensor, cfg: TaylorConfig, adapter=None) -> Pruni
     ratios = layer_ratios(cfg.schedule, cfg.ratio, len(layers))
     scores = taylor_scores(model, tokens, adapter, cfg.batch_size, cfg.device)
     budget = Budget()
-    plans = [budget.plan(s, adapter.unit_costs(layer), *layer_targets(adapter, layer, r))
-             for s, layer, r in zip(scores, layers, ratios)]
-    return finish(plans, "taylor", cfg, adapter, budget, schedule=cfg.schedule,
-                  layer_ratios=ratios)
+    plans = [
+        budget.plan(s, adapter.unit_costs(layer), *layer_targets(adapter, layer, r))
+        for s, layer, r in zip(scores, layers, ratios)
+    ]
+    return finish(plans, "taylor", cfg, adapter, budget, schedule=cfg.schedule, layer_ratios=ratios)

@@ -7,6 +7,7 @@ o_proj / down_proj scores
 a head the sum over its head_dim columns. Layer by layer (sequential.run_sequential): the
 o_proj and down_proj input norms come from one forward of the layer, then the layer is
 scored, selected and masked, so the next layer calibrates on the pruned outputs, as Wanda."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,7 +19,15 @@ from ..plan import PruningPlan
 from ..schedules import layer_ratios
 from ..sequential import LayerWork, run_sequential
 from ..slicing import mask_layer
-from .common import Budget, InputStats, PruneConfig, column_scores, finish, input_stats, layer_targets
+from .common import (
+    Budget,
+    InputStats,
+    PruneConfig,
+    column_scores,
+    finish,
+    input_stats,
+    layer_targets,
+)
 
 
 @dataclass
@@ -40,14 +49,34 @@ def prune(model, tokens: torch.Tensor, cfg: WandaSpConfig, adapter=None) -> Prun
         layer = work.layer
         o, down = adapter.o_proj(layer), adapter.down_proj(layer)
         stats = input_stats(work, {"o": o, "down": down})
-        scores = column_scores(adapter, layer, wanda_columns(o.weight, stats["o"]),
-                               wanda_columns(down.weight, stats["down"]))
-        lp = budget.plan(scores, adapter.unit_costs(layer),
-                         *layer_targets(adapter, layer, ratios[work.index]))
+        scores = column_scores(
+            adapter,
+            layer,
+            wanda_columns(o.weight, stats["o"]),
+            wanda_columns(down.weight, stats["down"]),
+        )
+        lp = budget.plan(
+            scores, adapter.unit_costs(layer), *layer_targets(adapter, layer, ratios[work.index])
+        )
         mask_layer(adapter, layer, lp)
         plans.append(lp)
 
-    timer = run_sequential(model, adapter, tokens, per_layer, device=cfg.device,
-                           batch_size=cfg.batch_size, desc="wanda-sp")
-    return finish(plans, "wanda-sp", cfg, adapter, budget, schedule=cfg.schedule,
-                  layer_ratios=ratios, phase_seconds=timer.seconds)
+    timer = run_sequential(
+        model,
+        adapter,
+        tokens,
+        per_layer,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        desc="wanda-sp",
+    )
+    return finish(
+        plans,
+        "wanda-sp",
+        cfg,
+        adapter,
+        budget,
+        schedule=cfg.schedule,
+        layer_ratios=ratios,
+        phase_seconds=timer.seconds,
+    )

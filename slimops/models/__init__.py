@@ -1,5 +1,6 @@
 """Model families: which ones slimops supports (remote_modeling.FAMILY_SPECS, found by
 `config.model_type`) and the adapter class for each kind of family."""
+
 from __future__ import annotations
 
 from .base import DecoderAdapter

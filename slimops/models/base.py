@@ -4,6 +4,7 @@ Everything comes from the family's row in remote_modeling.FAMILY_SPECS (the tabl
 checkpoint's standalone modeling file uses too), so the paths exist once. The rest of
 slimops talks to models only through an adapter.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -80,14 +81,16 @@ class DecoderAdapter:
     def layer_shape(self, layer) -> tuple[int, int, int]:
         """(query heads, KV heads, FFN width) read from the layer's current modules."""
         q, k, _ = self.qkv(layer)
-        return (q.out_features // self.head_dim, k.out_features // self.head_dim,
-                self.down_proj(layer).in_features)
+        return (
+            q.out_features // self.head_dim,
+            k.out_features // self.head_dim,
+            self.down_proj(layer).in_features,
+        )
 
     def set_layer_geometry(self, layer, num_heads: int, num_kv_heads: int) -> None:
         """Tell the attention module its new head counts (the same code the checkpoint's
         standalone modeling file runs on load)."""
-        remote.set_attention_geometry(self.attention(layer), num_heads, num_kv_heads,
-                                      self.head_dim)
+        remote.set_attention_geometry(self.attention(layer), num_heads, num_kv_heads, self.head_dim)
 
     @staticmethod
     def _numel(linear: nn.Linear) -> int:
@@ -99,10 +102,12 @@ class DecoderAdapter:
         q, k, v = self.qkv(layer)
         o = self.o_proj(layer)
         down = self.down_proj(layer)
-        return {"head": self._numel(q) // nh + o.weight.shape[0] * self.head_dim,
-                "kv_head": (self._numel(k) + self._numel(v)) // nkv,
-                "channel": sum(self._numel(m) for m in self.ffn_inputs(layer)) // ffn
-                + down.weight.shape[0]}
+        return {
+            "head": self._numel(q) // nh + o.weight.shape[0] * self.head_dim,
+            "kv_head": (self._numel(k) + self._numel(v)) // nkv,
+            "channel": sum(self._numel(m) for m in self.ffn_inputs(layer)) // ffn
+            + down.weight.shape[0],
+        }
 
     def layer_params(self, layer) -> int:
         return sum(p.numel() for p in layer.parameters())
@@ -116,5 +121,7 @@ class DecoderAdapter:
 
     def check_geometry(self) -> None:
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
-                             f"num_key_value_heads={self.num_kv_heads}: GQA cannot be honoured")
+            raise ValueError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}: GQA cannot be honoured"
+            )

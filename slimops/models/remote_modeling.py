@@ -26,6 +26,7 @@ raise AmbiguousGlobalPerLayerAttributeError on the global config, LlamaConfig's 
 then fails on construction, and the stock Llama/Mistral/Qwen modeling reads the global
 values in __init__, so it cannot express per-layer head counts for these families.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,22 +35,29 @@ from torch import nn
 
 try:
     from transformers import TokenizersBackend
-except ImportError:     # transformers 4: the same role under its old name
+except ImportError:  # transformers 4: the same role under its old name
     from transformers import PreTrainedTokenizerFast as TokenizersBackend
 
 SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
-HEAD_KEYS = ("num_attention_heads", "num_key_value_heads")      # widths in heads x head_dim
+HEAD_KEYS = ("num_attention_heads", "num_key_value_heads")  # widths in heads x head_dim
 # The one table of supported families: model_type -> spec. A spec says where the layers
-# and the final norm sit inside model.base_model, the attention module whose head-count attributes the stock
-# forward reads, whether the stock config honours an explicit head_dim, which shape keys
-# its config has, the Auto class that loads it, and each projection as role -> (dotted path
-# inside one layer, side whose width changes, shape key giving the width). slimops' adapters
-# derive everything from it (slimops/models), so a new LLaMA-like family is one row here.
+# and the final norm sit inside model.base_model, the attention module whose head-count
+# attributes the stock forward reads, whether the stock config honours an explicit
+# head_dim, which shape keys its config has, the Auto class that loads it, and each
+# projection as role -> (dotted path inside one layer, side whose width changes, shape key
+# giving the width). slimops' adapters derive everything from it (slimops/models), so a new
+# LLaMA-like family is one row here.
+#
 # Which side of each projection pruning narrows, and the shape key giving that width.
-ROLE_SIDES = {"q": ("out", "num_attention_heads"), "k": ("out", "num_key_value_heads"),
-              "v": ("out", "num_key_value_heads"), "o": ("in", "num_attention_heads"),
-              "gate": ("out", "intermediate_size"), "up": ("out", "intermediate_size"),
-              "down": ("in", "intermediate_size")}
+ROLE_SIDES = {
+    "q": ("out", "num_attention_heads"),
+    "k": ("out", "num_key_value_heads"),
+    "v": ("out", "num_key_value_heads"),
+    "o": ("in", "num_attention_heads"),
+    "gate": ("out", "intermediate_size"),
+    "up": ("out", "intermediate_size"),
+    "down": ("in", "intermediate_size"),
+}
 
 
 def _projections(**paths: str) -> dict:
@@ -57,35 +65,61 @@ def _projections(**paths: str) -> dict:
 
 
 LLAMA_LIKE = {
-    "kind": "llama-like", "layers": "layers", "attention": "self_attn", "final_norm": "norm",
-    "explicit_head_dim": True, "config_keys": SHAPE_KEYS, "auto_class": "AutoModelForCausalLM",
-    "projections": _projections(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                                o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj",
-                                down="mlp.down_proj"),
+    "kind": "llama-like",
+    "layers": "layers",
+    "attention": "self_attn",
+    "final_norm": "norm",
+    "explicit_head_dim": True,
+    "config_keys": SHAPE_KEYS,
+    "auto_class": "AutoModelForCausalLM",
+    "projections": _projections(
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        o="self_attn.o_proj",
+        gate="mlp.gate_proj",
+        up="mlp.up_proj",
+        down="mlp.down_proj",
+    ),
 }
 # BERT-style encoders: post-LayerNorm MHA, biases everywhere, a plain GELU FFN (no gate).
 # BertConfig ignores head_dim: attention_head_size is always hidden_size // heads.
 BERT_LIKE = {
-    "kind": "bert-like", "layers": "encoder.layer", "attention": "attention.self",
-    "final_norm": None,                                   # post-LN: each layer ends normed
-    "explicit_head_dim": False, "config_keys": ("num_attention_heads", "intermediate_size"),
+    "kind": "bert-like",
+    "layers": "encoder.layer",
+    "attention": "attention.self",
+    "final_norm": None,  # post-LN: each layer ends normed
+    "explicit_head_dim": False,
+    "config_keys": ("num_attention_heads", "intermediate_size"),
     "auto_class": "AutoModel",
-    "projections": _projections(q="attention.self.query", k="attention.self.key",
-                                v="attention.self.value", o="attention.output.dense",
-                                up="intermediate.dense", down="output.dense"),
+    "projections": _projections(
+        q="attention.self.query",
+        k="attention.self.key",
+        v="attention.self.value",
+        o="attention.output.dense",
+        up="intermediate.dense",
+        down="output.dense",
+    ),
 }
 # Qwen2 adds q/k/v biases, Qwen3 per-head q_norm/k_norm over head_dim (shared by all heads,
 # so head pruning leaves them untouched); Mistral is LLaMA with sliding-window attention.
-FAMILY_SPECS = {"llama": LLAMA_LIKE, "mistral": LLAMA_LIKE, "qwen2": LLAMA_LIKE,
-                "qwen3": LLAMA_LIKE, "bert": BERT_LIKE}
+FAMILY_SPECS = {
+    "llama": LLAMA_LIKE,
+    "mistral": LLAMA_LIKE,
+    "qwen2": LLAMA_LIKE,
+    "qwen3": LLAMA_LIKE,
+    "bert": BERT_LIKE,
+}
 
 
 def family_spec(model_type: str) -> dict:
     try:
         return FAMILY_SPECS[model_type]
     except KeyError:
-        raise ValueError(f"unsupported model family {model_type!r}; slimops supports "
-                         f"{', '.join(sorted(FAMILY_SPECS))}") from None
+        raise ValueError(
+            f"unsupported model family {model_type!r}; slimops supports "
+            f"{', '.join(sorted(FAMILY_SPECS))}"
+        ) from None
 
 
 def bias_key(role: str) -> str:
@@ -108,15 +142,19 @@ def layer_shapes(config) -> list[dict] | None:
     if shapes is None:
         return None
     if len(shapes) != config.num_hidden_layers:
-        raise ValueError(f"slimops_layers lists {len(shapes)} layers but num_hidden_layers is "
-                         f"{config.num_hidden_layers}: the config.json is inconsistent")
+        raise ValueError(
+            f"slimops_layers lists {len(shapes)} layers but num_hidden_layers is "
+            f"{config.num_hidden_layers}: the config.json is inconsistent"
+        )
     for i, shape in enumerate(shapes):
         missing = [k for k in SHAPE_KEYS if not shape.get(k)]
         if missing:
             raise ValueError(f"slimops_layers[{i}] lacks positive {missing}")
         if shape["num_attention_heads"] % shape["num_key_value_heads"]:
-            raise ValueError(f"slimops_layers[{i}]: {shape['num_attention_heads']} query heads "
-                             f"is not a multiple of {shape['num_key_value_heads']} KV heads")
+            raise ValueError(
+                f"slimops_layers[{i}]: {shape['num_attention_heads']} query heads "
+                f"is not a multiple of {shape['num_key_value_heads']} KV heads"
+            )
     return shapes
 
 
@@ -125,21 +163,29 @@ def _resized(linear: nn.Linear, side: str, width: int, bias: bool | None) -> nn.
     a bias iff `bias` (None: as the stock module)."""
     in_f, out_f = (width, linear.out_features) if side == "in" else (linear.in_features, width)
     has_bias = linear.bias is not None if bias is None else bool(bias)
-    if (in_f, out_f, has_bias) == (linear.in_features, linear.out_features,
-                                   linear.bias is not None):
+    if (in_f, out_f, has_bias) == (
+        linear.in_features,
+        linear.out_features,
+        linear.bias is not None,
+    ):
         return linear
     # Same device/dtype as the stock module: meta inside from_pretrained, the load dtype.
-    return nn.Linear(in_f, out_f, bias=has_bias,
-                     device=linear.weight.device, dtype=linear.weight.dtype)
+    return nn.Linear(
+        in_f, out_f, bias=has_bias, device=linear.weight.device, dtype=linear.weight.dtype
+    )
 
 
 def set_attention_geometry(attn: nn.Module, num_heads: int, num_kv: int, head_dim: int) -> None:
     """Tell the stock attention module its per-layer head counts: HF's LLaMA-like attention
     reads repeat_kv's factor from num_key_value_groups, BERT's reshape from
     num_attention_heads / all_head_size. Only attributes the module has are set."""
-    values = {"num_key_value_groups": num_heads // num_kv, "num_heads": num_heads,
-              "num_key_value_heads": num_kv, "num_attention_heads": num_heads,
-              "all_head_size": num_heads * head_dim}
+    values = {
+        "num_key_value_groups": num_heads // num_kv,
+        "num_heads": num_heads,
+        "num_key_value_heads": num_kv,
+        "num_attention_heads": num_heads,
+        "all_head_size": num_heads * head_dim,
+    }
     for attr, val in values.items():
         if hasattr(attn, attr):
             setattr(attn, attr, val)
@@ -151,10 +197,15 @@ def reshape_layer(layer: nn.Module, shape: dict, head_dim: int, spec: dict = LLA
         parent_path, _, name = path.rpartition(".")
         parent = layer.get_submodule(parent_path)
         width = shape[key] * (head_dim if key in HEAD_KEYS else 1)
-        setattr(parent, name, _resized(getattr(parent, name), side, width,
-                                       shape.get(bias_key(role))))
-    set_attention_geometry(layer.get_submodule(spec["attention"]),
-                           shape["num_attention_heads"], shape["num_key_value_heads"], head_dim)
+        setattr(
+            parent, name, _resized(getattr(parent, name), side, width, shape.get(bias_key(role)))
+        )
+    set_attention_geometry(
+        layer.get_submodule(spec["attention"]),
+        shape["num_attention_heads"],
+        shape["num_key_value_heads"],
+        head_dim,
+    )
 
 
 def reshape_layers(model: nn.Module, config) -> nn.Module:
@@ -187,6 +238,7 @@ def make_classes(config_base: type, model_base: type) -> tuple[type, type]:
     model_type treat the checkpoint as that family; its own class (not the stock one)
     keeps AutoModel*.register from remapping the stock config class.
     """
+
     class SlimopsConfig(config_base):
         pass
 
@@ -208,11 +260,13 @@ def make_classes(config_base: type, model_base: type) -> tuple[type, type]:
             if shape is None or shapes is None:
                 return shape
             if (getattr(self, "_tp_size", None) or 1) > 1:
-                return None     # per-rank counts unknown here: the cache allocates lazily
+                return None  # per-rank counts unknown here: the cache allocates lazily
             return [s["num_key_value_heads"] for s in shapes], shape[1]
 
-    for cls, name in ((SlimopsConfig, "SlimopsConfig"),
-                      (SlimopsModel, class_name(config_base, model_base))):
+    for cls, name in (
+        (SlimopsConfig, "SlimopsConfig"),
+        (SlimopsModel, class_name(config_base, model_base)),
+    ):
         cls.__name__ = cls.__qualname__ = name
     return SlimopsConfig, SlimopsModel
 
@@ -228,12 +282,25 @@ class SlimopsTokenizer(TokenizersBackend):
 def family_lines(config_base: type, model_base: type) -> str:
     """The lines a checkpoint appends to this file to bind it to one family and class."""
     name = class_name(config_base, model_base)
-    return (f"\n\n# Written by slimops for this checkpoint's family.\n"
-            f"from transformers import {config_base.__name__}, {model_base.__name__}  # noqa: E402\n"
-            f"SlimopsConfig, {name} = make_classes("
-            f"{config_base.__name__}, {model_base.__name__})\n")
+    return (
+        f"\n\n# Written by slimops for this checkpoint's family.\n"
+        f"from transformers import {config_base.__name__}, {model_base.__name__}  # noqa: E402\n"
+        f"SlimopsConfig, {name} = make_classes("
+        f"{config_base.__name__}, {model_base.__name__})\n"
+    )
 
 
-__all__ = ["SHAPE_KEYS", "FAMILY_SPECS", "family_spec", "bias_key", "head_dim_of",
-           "layer_shapes", "reshape_layer", "reshape_layers", "class_name", "make_classes",
-           "family_lines", "SlimopsTokenizer"]
+__all__ = [
+    "SHAPE_KEYS",
+    "FAMILY_SPECS",
+    "family_spec",
+    "bias_key",
+    "head_dim_of",
+    "layer_shapes",
+    "reshape_layer",
+    "reshape_layers",
+    "class_name",
+    "make_classes",
+    "family_lines",
+    "SlimopsTokenizer",
+]

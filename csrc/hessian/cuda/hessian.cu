@@ -15,9 +15,6 @@
 // fp32 FMAs, matching the reference's fp32 product. Deliberately simple (one shared buffer,
 // no cp.async pipelining); the next step on Hopper is an sm_90a version with wgmma fed by
 // TMA (cp.async.bulk.tensor) through a 2-3 stage mbarrier pipeline and 128x128 tiles.
-#include "../../common/torch_cuda.cuh"
-#include "../checks.h"
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -25,12 +22,15 @@
 #include <cmath>
 #include <type_traits>
 
+#include "../../common/torch_cuda.cuh"
+#include "../checks.h"
+
 namespace slimops {
 namespace {
 
-constexpr int kTile = 64;     // output tile edge (rows and columns of H)
-constexpr int kRows = 32;     // rows of X per shared-memory step (the K of the tile GEMM)
-constexpr int kThreads = 128; // 4 warps: each owns a 32x32 quarter of the tile (WMMA path)
+constexpr int kTile = 64;          // output tile edge (rows and columns of H)
+constexpr int kRows = 32;          // rows of X per shared-memory step (the K of the tile GEMM)
+constexpr int kThreads = 128;      // 4 warps: each owns a 32x32 quarter of the tile (WMMA path)
 constexpr int kOutLd = kTile + 4;  // fp32 staging row: +16 bytes against bank conflicts
 
 // Shared row length: +16 bytes per row against bank conflicts; keeps every WMMA fragment
@@ -40,15 +40,28 @@ constexpr int kLd = kTile + 16 / static_cast<int>(sizeof(T));
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
-  else return v;
+  if constexpr (std::is_same_v<T, __half>)
+    return __half2float(v);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __bfloat162float(v);
+  else
+    return v;
 }
 
-template <typename T> __device__ __forceinline__ T zero_value();
-template <> __device__ __forceinline__ float zero_value<float>() { return 0.f; }
-template <> __device__ __forceinline__ __half zero_value<__half>() { return __float2half(0.f); }
-template <> __device__ __forceinline__ __nv_bfloat16 zero_value<__nv_bfloat16>() { return __float2bfloat16(0.f); }
+template <typename T>
+__device__ __forceinline__ T zero_value();
+template <>
+__device__ __forceinline__ float zero_value<float>() {
+  return 0.f;
+}
+template <>
+__device__ __forceinline__ __half zero_value<__half>() {
+  return __float2half(0.f);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 zero_value<__nv_bfloat16>() {
+  return __float2bfloat16(0.f);
+}
 
 // Tensor cores for 16-bit inputs; bf16 WMMA needs sm_80 (the host pass has no __CUDA_ARCH__).
 template <typename T>
@@ -135,8 +148,9 @@ struct WmmaAcc {
 
 // tile[r][c] = X[row(k0 + r), col0 + c], zero outside [k0, end) x [0, d).
 template <typename T>
-__device__ void load_rows(T (*tile)[kLd<T>], const T* __restrict__ X, const int64_t* __restrict__ rows,
-                          int64_t k0, int64_t end, int64_t col0, int64_t d, int64_t stride_t, int64_t stride_d) {
+__device__ void load_rows(T (*tile)[kLd<T>], const T* __restrict__ X,
+                          const int64_t* __restrict__ rows, int64_t k0, int64_t end, int64_t col0,
+                          int64_t d, int64_t stride_t, int64_t stride_d) {
   for (int e = threadIdx.x; e < kRows * kTile; e += kThreads) {
     const int r = e / kTile, c = e % kTile;  // consecutive threads: consecutive columns
     const int64_t row = k0 + r, col = col0 + c;
@@ -148,9 +162,10 @@ __device__ void load_rows(T (*tile)[kLd<T>], const T* __restrict__ X, const int6
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-hessian_syrk_kernel(float* __restrict__ H, const T* __restrict__ X, const int64_t* __restrict__ rows,
-                    const int64_t* __restrict__ offsets, int64_t T_rows, int64_t d, int64_t stride_t,
-                    int64_t stride_d, float scale) {
+    hessian_syrk_kernel(float* __restrict__ H, const T* __restrict__ X,
+                        const int64_t* __restrict__ rows, const int64_t* __restrict__ offsets,
+                        int64_t T_rows, int64_t d, int64_t stride_t, int64_t stride_d,
+                        float scale) {
   using Acc = std::conditional_t<kUseWmma<T>, WmmaAcc<T>, SimtAcc<T>>;
   __shared__ __align__(32) T xi[kRows][kLd<T>];
   __shared__ __align__(32) T xj[kRows][kLd<T>];
@@ -196,27 +211,29 @@ hessian_syrk_kernel(float* __restrict__ H, const T* __restrict__ X, const int64_
 }
 
 // The CPU kernel's checks (csrc/hessian/checks.h), plus this kernel's grid limit.
-void check_inputs(const at::Tensor& H, const at::Tensor& X, const c10::optional<at::Tensor>& group_ids) {
+void check_inputs(const at::Tensor& H, const at::Tensor& X,
+                  const c10::optional<at::Tensor>& group_ids) {
   check_hessian_inputs(H, X, group_ids);
-  TORCH_CHECK(H.size(0) <= 65535, "hessian_accumulate: at most 65535 groups per call (grid.y), got G=",
-              H.size(0));
+  TORCH_CHECK(H.size(0) <= 65535,
+              "hessian_accumulate: at most 65535 groups per call (grid.y), got G=", H.size(0));
 }
 
 template <typename T>
-void launch(const at::Tensor& H, const at::Tensor& X, const int64_t* rows, const int64_t* offsets, int64_t groups,
-            double scale) {
+void launch(const at::Tensor& H, const at::Tensor& X, const int64_t* rows, const int64_t* offsets,
+            int64_t groups, double scale) {
   const int64_t d = X.size(1), tiles = (d + kTile - 1) / kTile;
   const dim3 grid(static_cast<unsigned>(tiles * (tiles + 1) / 2), static_cast<unsigned>(groups));
   hessian_syrk_kernel<T><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      H.data_ptr<float>(), reinterpret_cast<const T*>(X.const_data_ptr()), rows, offsets, X.size(0), d,
-      X.stride(0), X.stride(1), static_cast<float>(scale));
+      H.data_ptr<float>(), reinterpret_cast<const T*>(X.const_data_ptr()), rows, offsets, X.size(0),
+      d, X.stride(0), X.stride(1), static_cast<float>(scale));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void hessian_accumulate_cuda(const at::Tensor& H, const at::Tensor& X, const c10::optional<at::Tensor>& group_ids,
-                             double scale) {
+void hessian_accumulate_cuda(const at::Tensor& H, const at::Tensor& X,
+                             const c10::optional<at::Tensor>& group_ids, double scale) {
   check_inputs(H, X, group_ids);
-  TORCH_CHECK(H.is_cuda(), "hessian_accumulate: the CUDA kernel needs CUDA tensors, got ", H.device());
+  TORCH_CHECK(H.is_cuda(), "hessian_accumulate: the CUDA kernel needs CUDA tensors, got ",
+              H.device());
   if (X.size(0) == 0 || X.size(1) == 0) return;
   const c10::cuda::CUDAGuard guard(H.device());
   const int64_t G = H.size(0);
@@ -230,9 +247,15 @@ void hessian_accumulate_cuda(const at::Tensor& H, const at::Tensor& X, const c10
   const int64_t* offs = offsets.defined() ? offsets.const_data_ptr<int64_t>() : nullptr;
   const int64_t groups = offsets.defined() ? G : 1;
   switch (X.scalar_type()) {
-    case at::kFloat: launch<float>(H, X, rows, offs, groups, scale); break;
-    case at::kHalf: launch<__half>(H, X, rows, offs, groups, scale); break;
-    default: launch<__nv_bfloat16>(H, X, rows, offs, groups, scale); break;  // checked above
+    case at::kFloat:
+      launch<float>(H, X, rows, offs, groups, scale);
+      break;
+    case at::kHalf:
+      launch<__half>(H, X, rows, offs, groups, scale);
+      break;
+    default:
+      launch<__nv_bfloat16>(H, X, rows, offs, groups, scale);
+      break;  // checked above
   }
 }
 

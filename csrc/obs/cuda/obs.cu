@@ -9,13 +9,13 @@
 // the zeroing of the removed rows/cols (lower tiles only, mirrored: exact symmetry, half the
 // flops, Hinv touched once). The r x s and s x d products go to cuBLAS, in IEEE fp32 whatever
 // torch's TF32 switch (ieee_matmul.h).
-#include "../../common/torch_cuda.cuh"
-#include "../checks.h"
-#include "../ieee_matmul.h"
-
 #include <cuda_runtime.h>
 
 #include <limits>
+
+#include "../../common/torch_cuda.cuh"
+#include "../checks.h"
+#include "../ieee_matmul.h"
 
 namespace slimops {
 namespace {
@@ -29,16 +29,19 @@ constexpr int kThreads = 256;     // downdate: 16 x 16 threads, 4 x 4 outputs ea
 // column walks below then hit distinct banks). Factor A = L L^T in place (right-looking), keep
 // diag(L) aside, then solve L X = I, storing X[i][j] (i >= j) at A[j][i] (the upper triangle,
 // which the factor does not use). info[b] = first non-positive pivot + 1, else 0.
-__global__ void obs_block_cholesky_inverse_kernel(const float* __restrict__ hinv, int64_t stride0, int64_t stride1,
+__global__ void obs_block_cholesky_inverse_kernel(const float* __restrict__ hinv, int64_t stride0,
+                                                  int64_t stride1,
                                                   const int64_t* __restrict__ groups, int s,
-                                                  float* __restrict__ linv, int* __restrict__ info) {
+                                                  float* __restrict__ linv,
+                                                  int* __restrict__ info) {
   extern __shared__ float smem[];
   __shared__ int bad;
   const int lda = s + 1, tid = threadIdx.x, nt = blockDim.x;
   float* A = smem;
   float* diag = smem + s * lda;
   const int64_t* g = groups + int64_t(blockIdx.x) * s;
-  for (int e = tid; e < s * s; e += nt) A[(e / s) * lda + e % s] = hinv[g[e / s] * stride0 + g[e % s] * stride1];
+  for (int e = tid; e < s * s; e += nt)
+    A[(e / s) * lda + e % s] = hinv[g[e / s] * stride0 + g[e % s] * stride1];
   if (tid == 0) bad = 0;
   __syncthreads();
 
@@ -95,8 +98,9 @@ __global__ void obs_block_cholesky_inverse_kernel(const float* __restrict__ hinv
 // Tile (tm, tn), tm >= tn, of Hinv -= V^T V (V (s, d) row-major, Hinv (d, d) contiguous),
 // written to (tm, tn) and mirrored to (tn, tm); rows/cols with removed[] set become exact
 // zeros. Upper tiles exit at once. Diagonal tiles take their lower half on both sides.
-__global__ void __launch_bounds__(kThreads) obs_downdate_kernel(float* __restrict__ hinv, const float* __restrict__ v,
-                                                                const uint8_t* __restrict__ removed, int64_t d, int s) {
+__global__ void __launch_bounds__(kThreads)
+    obs_downdate_kernel(float* __restrict__ hinv, const float* __restrict__ v,
+                        const uint8_t* __restrict__ removed, int64_t d, int s) {
   const int64_t tm = blockIdx.y, tn = blockIdx.x;
   if (tn > tm) return;
   __shared__ float vm[kChunk][kTile];
@@ -134,23 +138,27 @@ __global__ void __launch_bounds__(kThreads) obs_downdate_kernel(float* __restric
   __syncthreads();
   for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
     const int r = e / kTile, c = e % kTile;
-    if (m0 + r < d && n0 + c < d) hinv[(m0 + r) * d + n0 + c] = (tm == tn && c > r) ? out[c][r] : out[r][c];
+    if (m0 + r < d && n0 + c < d)
+      hinv[(m0 + r) * d + n0 + c] = (tm == tn && c > r) ? out[c][r] : out[r][c];
     if (tm != tn && n0 + r < d && m0 + c < d) hinv[(n0 + r) * d + m0 + c] = out[c][r];
   }
 }
 
 // The one check this kernel adds to the CPU kernels' (csrc/obs/checks.h): CUDA tensors.
 void check_cuda_w_hinv(const char* op, const at::Tensor& W, const at::Tensor& Hinv) {
-  TORCH_CHECK(W.is_cuda() && W.device() == Hinv.device(), op, ": W and Hinv must be on the same CUDA device");
+  TORCH_CHECK(W.is_cuda() && W.device() == Hinv.device(), op,
+              ": W and Hinv must be on the same CUDA device");
 }
 
 // (L_b^-1 (B, s, s) contiguous, info (B,) int32) for L_b L_b^T = Hinv[S_b, S_b].
-std::tuple<at::Tensor, at::Tensor> block_cholesky_inverse(const at::Tensor& Hinv, const at::Tensor& groups) {
+std::tuple<at::Tensor, at::Tensor> block_cholesky_inverse(const at::Tensor& Hinv,
+                                                          const at::Tensor& groups) {
   const int64_t B = groups.size(0), s = groups.size(1);
   if (s > kMaxSharedS) {
     // 256 x 258 fp32 = 264 KB: more than an SM's shared memory. These few large blocks (FFN
     // groups) are what cuSOLVER's batched potrf handles well.
-    const at::Tensor blocks = at::take(Hinv, groups.unsqueeze(2) * Hinv.size(1) + groups.unsqueeze(1));
+    const at::Tensor blocks =
+        at::take(Hinv, groups.unsqueeze(2) * Hinv.size(1) + groups.unsqueeze(1));
     auto [L, info] = at::linalg_cholesky_ex(blocks);
     const at::Tensor eye = at::eye(s, L.options()).expand({B, s, s});
     return {at::linalg_solve_triangular(L, eye, /*upper=*/false).contiguous(), info};
@@ -165,13 +173,14 @@ std::tuple<at::Tensor, at::Tensor> block_cholesky_inverse(const at::Tensor& Hinv
   }
   const int threads = s > 32 ? 256 : 64;
   obs_block_cholesky_inverse_kernel<<<B, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      Hinv.data_ptr<float>(), Hinv.stride(0), Hinv.stride(1), g.data_ptr<int64_t>(), int(s), linv.data_ptr<float>(),
-      info.data_ptr<int>());
+      Hinv.data_ptr<float>(), Hinv.stride(0), Hinv.stride(1), g.data_ptr<int64_t>(), int(s),
+      linv.data_ptr<float>(), info.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {linv, info};
 }
 
-at::Tensor obs_group_errors_cuda(const at::Tensor& W, const at::Tensor& Hinv, const at::Tensor& groups) {
+at::Tensor obs_group_errors_cuda(const at::Tensor& W, const at::Tensor& Hinv,
+                                 const at::Tensor& groups) {
   check_cuda_w_hinv("obs_group_errors", W, Hinv);
   check_errors_inputs(W, Hinv, groups);
   const c10::cuda::CUDAGuard guard(W.device());
@@ -202,7 +211,8 @@ void downdate(const at::Tensor& Hinv, const at::Tensor& V, const at::Tensor& idx
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor obs_group_update_cuda(const at::Tensor& W, const at::Tensor& Hinv, const at::Tensor& idx) {
+at::Tensor obs_group_update_cuda(const at::Tensor& W, const at::Tensor& Hinv,
+                                 const at::Tensor& idx) {
   check_cuda_w_hinv("obs_group_update", W, Hinv);
   check_update_inputs(W, Hinv, idx);
   const c10::cuda::CUDAGuard guard(W.device());

@@ -15,22 +15,22 @@
 // kernel is the tuned path, and ops.py dispatches whichever GPU path measures faster.
 // Index values are checked on the device (CUDA_KERNEL_ASSERT, as torch's index_select does):
 // a host check is a device sync per call, several times a decode-sized GEMM.
-#include "../../common/torch_cuda.cuh"
-#include "../checks.h"
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
 
 #include <type_traits>
 
+#include "../../common/torch_cuda.cuh"
+#include "../checks.h"
+
 namespace slimops {
 namespace {
 
-constexpr int kBM = 64;        // tokens per tile
-constexpr int kBN = 64;        // kept output rows per tile
-constexpr int kBK = 32;        // kept input columns per K step (= warp size: one column per lane)
-constexpr int kThreads = 128;  // 4 warps; WMMA: each owns a 32x32 quarter of the tile
+constexpr int kBM = 64;          // tokens per tile
+constexpr int kBN = 64;          // kept output rows per tile
+constexpr int kBK = 32;          // kept input columns per K step (= warp size: one column per lane)
+constexpr int kThreads = 128;    // 4 warps; WMMA: each owns a 32x32 quarter of the tile
 constexpr int kOutLd = kBN + 4;  // fp32 staging row: +16 bytes against bank conflicts
 
 // Shared row of kBK inputs. 16-bit: +16 bytes (40 halves = 80 B, so 16-row and 16-column
@@ -41,16 +41,22 @@ constexpr int kLd = std::is_same_v<T, float> ? kBK + 1 : kBK + 8;
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
-  else return v;
+  if constexpr (std::is_same_v<T, __half>)
+    return __half2float(v);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __bfloat162float(v);
+  else
+    return v;
 }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(v);
-  else return v;
+  if constexpr (std::is_same_v<T, __half>)
+    return __float2half_rn(v);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __float2bfloat16_rn(v);
+  else
+    return v;
 }
 
 // Tensor cores for 16-bit inputs; bf16 WMMA needs sm_80 (the host pass has no __CUDA_ARCH__).
@@ -136,8 +142,8 @@ struct WmmaAcc {
 };
 
 struct Args {
-  const int64_t* in_idx;   // kept input blocks, or nullptr: all columns
-  const int64_t* out_idx;  // kept output rows, or nullptr: all rows
+  const int64_t* in_idx;          // kept input blocks, or nullptr: all columns
+  const int64_t* out_idx;         // kept output rows, or nullptr: all rows
   int64_t tokens, n_out, n_cols;  // rows of X, kept output rows, kept input columns
   int64_t d_in, d_out, in_block;
   int64_t sxm, sxk, swn, swk;  // strides of X and W
@@ -155,8 +161,8 @@ __device__ __forceinline__ int64_t kept_col(const Args& p, int64_t k) {
 // tile[r][lane] = src[row(r), col] for r = warp, warp + 4, ...; zero where row or col is -1.
 // Lane = K column, so a warp reads 32 kept columns of one row (contiguous when unsliced).
 template <typename T, int kRows>
-__device__ void load_tile(T (*tile)[kLd<T>], const T* __restrict__ src, const int64_t* rows, int64_t col,
-                          int64_t s_row, int64_t s_col) {
+__device__ void load_tile(T (*tile)[kLd<T>], const T* __restrict__ src, const int64_t* rows,
+                          int64_t col, int64_t s_row, int64_t s_col) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
   for (int r = warp; r < kRows; r += kThreads / 32) {
@@ -167,20 +173,22 @@ __device__ void load_tile(T (*tile)[kLd<T>], const T* __restrict__ src, const in
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-slice_gemm_kernel(T* __restrict__ Y, const T* __restrict__ X, const T* __restrict__ W,
-                  const T* __restrict__ bias, const Args p) {
+    slice_gemm_kernel(T* __restrict__ Y, const T* __restrict__ X, const T* __restrict__ W,
+                      const T* __restrict__ bias, const Args p) {
   using Acc = std::conditional_t<kUseWmma<T>, WmmaAcc<T>, SimtAcc<T>>;
   __shared__ __align__(32) T xs[kBM][kLd<T>];
   __shared__ __align__(32) T ws[kBN][kLd<T>];
   __shared__ __align__(32) float out[kBM][kOutLd];
   __shared__ int64_t x_rows[kBM], w_rows[kBN];  // -1: past the end (loads as zero)
 
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBN, m0 = static_cast<int64_t>(blockIdx.y) * kBM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBN,
+                m0 = static_cast<int64_t>(blockIdx.y) * kBM;
   for (int i = threadIdx.x; i < kBM; i += kThreads) x_rows[i] = m0 + i < p.tokens ? m0 + i : -1;
   for (int i = threadIdx.x; i < kBN; i += kThreads) {
     const int64_t n = n0 + i;
     const int64_t row = n >= p.n_out ? -1 : p.out_idx ? p.out_idx[n] : n;
-    CUDA_KERNEL_ASSERT((n >= p.n_out || (row >= 0 && row < p.d_out)) && "slice_gemm: out_idx out of range");
+    CUDA_KERNEL_ASSERT((n >= p.n_out || (row >= 0 && row < p.d_out)) &&
+                       "slice_gemm: out_idx out of range");
     w_rows[i] = row;
   }
   __syncthreads();
@@ -212,8 +220,9 @@ slice_gemm_kernel(T* __restrict__ Y, const T* __restrict__ X, const T* __restric
 void check_inputs(const at::Tensor& X, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
                   const c10::optional<at::Tensor>& in_idx, const c10::optional<at::Tensor>& out_idx,
                   int64_t in_block) {
-  TORCH_CHECK(X.is_cuda() && W.device() == X.device(), "slice_gemm: X and W must be on the same CUDA device, got ",
-              X.device(), " and ", W.device());
+  TORCH_CHECK(X.is_cuda() && W.device() == X.device(),
+              "slice_gemm: X and W must be on the same CUDA device, got ", X.device(), " and ",
+              W.device());
   check_slice_gemm_inputs(X, W, bias, in_idx, out_idx, in_block, /*check_values=*/false);
   TORCH_CHECK((X.size(0) + kBM - 1) / kBM <= 65535, "slice_gemm: at most ", 65535 * kBM,
               " tokens per call (grid.y), got T=", X.size(0), "; split X into chunks");
@@ -231,9 +240,10 @@ void launch(at::Tensor& Y, const at::Tensor& X, const at::Tensor& W, const at::T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor slice_gemm_cuda(const at::Tensor& X, const at::Tensor& W, const c10::optional<at::Tensor>& bias,
-                           const c10::optional<at::Tensor>& in_idx, const c10::optional<at::Tensor>& out_idx,
-                           int64_t in_block) {
+at::Tensor slice_gemm_cuda(const at::Tensor& X, const at::Tensor& W,
+                           const c10::optional<at::Tensor>& bias,
+                           const c10::optional<at::Tensor>& in_idx,
+                           const c10::optional<at::Tensor>& out_idx, int64_t in_block) {
   check_inputs(X, W, bias, in_idx, out_idx, in_block);
   const c10::cuda::CUDAGuard guard(X.device());
   // The kernel reads the index lists and the bias with unit stride: contiguous copies of
@@ -244,17 +254,29 @@ at::Tensor slice_gemm_cuda(const at::Tensor& X, const at::Tensor& W, const c10::
   const bool sliced_in = in_c.defined();
   const Args p{sliced_in ? in_c.const_data_ptr<int64_t>() : nullptr,
                out_c.defined() ? out_c.const_data_ptr<int64_t>() : nullptr,
-               X.size(0), out_c.defined() ? out_c.numel() : W.size(0),
+               X.size(0),
+               out_c.defined() ? out_c.numel() : W.size(0),
                sliced_in ? in_c.numel() * in_block : X.size(1),
-               X.size(1), W.size(0), sliced_in ? in_block : 1,
-               X.stride(0), X.stride(1), W.stride(0), W.stride(1)};
+               X.size(1),
+               W.size(0),
+               sliced_in ? in_block : 1,
+               X.stride(0),
+               X.stride(1),
+               W.stride(0),
+               W.stride(1)};
 
   at::Tensor Y = at::empty({p.tokens, p.n_out}, X.options());  // contiguous: row stride n_out
   if (p.tokens == 0 || p.n_out == 0) return Y;
   switch (X.scalar_type()) {
-    case at::kFloat: launch<float>(Y, X, W, bias_c, p); break;
-    case at::kHalf: launch<__half>(Y, X, W, bias_c, p); break;
-    default: launch<__nv_bfloat16>(Y, X, W, bias_c, p); break;  // checked above
+    case at::kFloat:
+      launch<float>(Y, X, W, bias_c, p);
+      break;
+    case at::kHalf:
+      launch<__half>(Y, X, W, bias_c, p);
+      break;
+    default:
+      launch<__nv_bfloat16>(Y, X, W, bias_c, p);
+      break;  // checked above
   }
   return Y;
 }
@@ -262,6 +284,4 @@ at::Tensor slice_gemm_cuda(const at::Tensor& X, const at::Tensor& W, const c10::
 }  // namespace
 }  // namespace slimops
 
-TORCH_LIBRARY_IMPL(slimops, CUDA, m) {
-  m.impl("slice_gemm", &slimops::slice_gemm_cuda);
-}
+TORCH_LIBRARY_IMPL(slimops, CUDA, m) { m.impl("slice_gemm", &slimops::slice_gemm_cuda); }
