@@ -161,15 +161,34 @@ def _add_demo(sub) -> None:
 
 
 def cmd_prune(args) -> None:
-    from . import calibration, pipeline
-    from .checkpoint import save_pruned
+    from . import calibration, distributed, pipeline
+
+    schedule, options = _check_prune(args)  # every cheap check before any work
+    distributed.init_from_env()  # under torchrun: join the group, calibrate on a share
+    tokenizer = pipeline.load_tokenizer(args.model)  # calibration before weights:
+    tokens = calibration.calibration_tokens(
+        args.calib, tokenizer, args.nsamples, args.seqlen, args.seed
+    )  # short data fails fast
+    model, _ = pipeline.load_model(args.model, args.dtype)
+    plan, report = pipeline.prune_model(
+        model, tokens, args.method, args.ratio, schedule, args.device, **options
+    )
+    if distributed.is_main():  # every rank holds the same model: one writes it
+        _save_and_report(args, model, tokenizer, plan, report)
+    distributed.barrier()
+
+
+def _check_prune(args) -> tuple:
+    """(schedule, method options) after the checks that need no model: options, ratio,
+    family, --out, --calib."""
+    from . import calibration
     from .loading import model_config
     from .methods import make_config
     from .schedules import parse_schedule
 
     schedule = None if args.schedule is None else parse_schedule(args.schedule)
     options = _method_options(args)
-    make_config(args.method, args.ratio, schedule, args.device, **options)  # all cheap checks first
+    make_config(args.method, args.ratio, schedule, args.device, **options)
     model_config(args.model)  # an unsupported family fails first
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -179,14 +198,13 @@ def cmd_prune(args) -> None:
             f"--calib {args.calib!r} is neither "
             f"{calibration.HUB_DATASETS} nor an existing file or folder"
         )
-    tokenizer = pipeline.load_tokenizer(args.model)  # calibration before weights:
-    tokens = calibration.calibration_tokens(
-        args.calib, tokenizer, args.nsamples, args.seqlen, args.seed
-    )  # short data fails fast
-    model, _ = pipeline.load_model(args.model, args.dtype)
-    plan, report = pipeline.prune_model(
-        model, tokens, args.method, args.ratio, schedule, args.device, **options
-    )
+    return schedule, options
+
+
+def _save_and_report(args, model, tokenizer, plan, report) -> None:
+    from .checkpoint import save_pruned
+
+    out = Path(args.out)
     info = _report_dict(report) | {
         "model": args.model,
         "calib": args.calib,

@@ -7,11 +7,13 @@ all call the same functions.
 from __future__ import annotations
 
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from . import distributed
 from .evaluation import search_report
 from .loading import DTYPES, load_model, load_tokenizer, resolve_model_path  # noqa: F401 (API)
 from .memory import reset_peak_rss, status_kb
@@ -79,8 +81,12 @@ def prune_model(
 
     method: a name in slimops.methods.METHODS. schedule=None is the method's default (log for
     slimgpt, its Incremental Pruning Ratio; uniform for the baselines; flap sets widths
-    itself). options: the method config's fields (batch_size, percdamp, align, ...)."""
+    itself). options: the method config's fields (batch_size, percdamp, align, ...).
+    Under torchrun (slimops.distributed) each rank calibrates on its share of `tokens`."""
     cfg = make_config(method, ratio, schedule, device, **options)  # bad options fail here
+    tokens, split = distributed.shard(tokens)
+    if distributed.world()[1] > 1:
+        print(split, file=sys.stderr, flush=True)
     adapter = get_adapter(model)
     before = (adapter.decoder_params(), adapter.total_params())
     _reset_peak_memory(device)
@@ -98,7 +104,7 @@ def prune_model(
         wall,
         _peak_memory_mb(device),
         plan.shapes(),
-        plan.info,
+        {**plan.info, "calibration_split": split},
     )
     return plan, report
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import ops
+from . import distributed, ops
 
 
 class _StopForward(Exception):
@@ -162,7 +162,8 @@ class LayerWork:
     @torch.no_grad()
     def hessians(self, modules: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
         """H = mean over calibration tokens of x x^T for the input x of each module, fp32,
-        accumulated with `self.accumulate` (ops.hessian_accumulate) in one pass."""
+        accumulated with `self.accumulate` (ops.hessian_accumulate) in one pass; under
+        torch.distributed summed over every rank's tokens (all ranks get the same H)."""
         acc = {
             name: torch.zeros(1, m.in_features, m.in_features, device=self.device)
             for name, m in modules.items()
@@ -175,7 +176,11 @@ class LayerWork:
             rows[name] += x.shape[0]
 
         self.observe_inputs(modules, add)
-        return {name: acc[name][0] / max(rows[name], 1) for name in modules}
+        out = {}
+        for name in modules:
+            total = distributed.all_sum_float(float(rows[name]))
+            out[name] = distributed.all_sum(acc[name][0]) / max(total, 1.0)
+        return out
 
 
 def run_sequential(
@@ -197,7 +202,9 @@ def run_sequential(
         with timer("forward", device):
             inputs, kwargs = capture_inputs(adapter, tokens, batch_size, device)
         layers = adapter.layers()
-        for i in tqdm(range(len(layers)), desc=desc, unit="layer"):
+        for i in tqdm(
+            range(len(layers)), desc=desc, unit="layer", disable=not distributed.is_main()
+        ):
             home = _device_of(layers[i])
             layer = layers[i].to(device)
             work = LayerWork(i, layer, adapter, inputs, kwargs, device, timer, accumulate)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
 from .common import Move, remove_heads
 from .obs_solver import ObsScorer
 
@@ -56,7 +57,8 @@ class OutputEnergy:
 
     @property
     def mean(self) -> float:
-        return self.sum / max(self.count, 1)
+        """Over every rank's tokens under torch.distributed."""
+        return distributed.all_sum_float(self.sum) / max(distributed.all_sum_float(self.count), 1)
 
 
 def energy_weights(energies: list[float]) -> list[float]:
@@ -106,6 +108,7 @@ def gradient_weights(
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.to(home)
+    sums, count = distributed.all_sum(sums), distributed.all_sum_float(count)
     return (sums / count / adapter.hidden_size).tolist()
 
 

@@ -19,6 +19,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
+from .. import distributed
 from ..plan import LayerPlan, PruningPlan
 from ..sequential import LayerWork
 
@@ -273,6 +274,30 @@ class InputStats:
         self.mean_ += delta * (n_b / n)
         self.count = n
 
+    def reduce(self) -> InputStats:
+        """Merge every rank's statistics (torch.distributed), in rank order; a no-op alone."""
+        parts = distributed.all_gather(
+            torch.cat(
+                [torch.tensor([float(self.count)], device=self.m2.device), self.mean_, self.m2]
+            )
+        )
+        if len(parts) == 1:
+            return self
+        merged = InputStats(len(self.mean_), self.m2.device)
+        for part in parts:
+            n_b, mean_b, m2_b = (
+                int(part[0]),
+                part[1 : 1 + len(self.mean_)],
+                part[1 + len(self.mean_) :],
+            )
+            n = merged.count + n_b
+            if n_b:
+                delta = mean_b - merged.mean_
+                merged.m2 += m2_b + delta.pow(2) * (merged.count * n_b / n)
+                merged.mean_ += delta * (n_b / n)
+                merged.count = n
+        return merged
+
     def mean(self) -> torch.Tensor:
         return self.mean_
 
@@ -289,7 +314,7 @@ def input_stats(work: LayerWork, modules: dict[str, nn.Linear]) -> dict[str, Inp
     gathered by forward pre-hooks (as LayerWork.hessians does) in one pass."""
     stats = {n: InputStats(m.in_features, work.device) for n, m in modules.items()}
     work.observe_inputs(modules, lambda name, x: stats[name].update(x))
-    return stats
+    return {n: s.reduce() for n, s in stats.items()}
 
 
 def finish(

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..models import get_adapter
 from ..plan import PruningPlan
 from .align import check_align
@@ -215,7 +216,7 @@ def evolve(
     pop, gamma = initial_population(space, cfg, rng, seeds)
     scores: dict = {}
     seen, history = set(pop), {"generations": [], "candidates": []}
-    bar = tqdm(range(cfg.generations), desc="search", unit="gen")
+    bar = tqdm(range(cfg.generations), desc="search", unit="gen", disable=not distributed.is_main())
     for gen in bar:
         if cfg.fresh_batches and pool is not None and gen:
             evaluator.reset(_windows(pool, cfg.fitness_samples, rng))

@@ -20,6 +20,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..sequential import LayerWork, PhaseTimer, capture_inputs
 from ..slicing import head_rows
 from ..virtual import virtual_layer
@@ -168,5 +169,5 @@ class Evaluator:
                 ref = self.reference[i]
                 total += float((ref.exp() * (ref - logp)).sum())
                 count += ref.shape[0] * ref.shape[1]
-        mean = total / count
+        mean = distributed.all_sum_float(total) / distributed.all_sum_float(count)
         return float(torch.tensor(mean).exp()) if self.fitness == "ppl" else mean

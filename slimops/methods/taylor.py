@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
 from ..models import get_adapter
 from ..plan import PruningPlan
 from ..schedules import layer_ratios
@@ -44,14 +45,18 @@ def accumulate_gradients(model, tokens: torch.Tensor, batch_size: int) -> None:
     """dL/dW into .grad of every projection weight, L = mean next-token NLL over ALL
     calibration tokens (LLM-Pruner's one-batch loss), computed batch by batch to bound
     memory: each batch's mean loss is weighted by its share of the sequences, so the sum
-    of the backward passes is the gradient of the whole-set loss whatever the batch size."""
+    of the backward passes is the gradient of the whole-set loss whatever the batch size
+    (under torch.distributed: the sequences of every rank, gradients summed over ranks)."""
     device = next(model.parameters()).device
-    n = tokens.shape[0]
+    n = distributed.all_sum_float(float(tokens.shape[0]))
     with torch.enable_grad():
-        for start in range(0, n, batch_size):
+        for start in range(0, tokens.shape[0], batch_size):
             batch = tokens[start : start + batch_size].to(device)
             out = model(input_ids=batch, labels=batch, use_cache=False)
             (out.loss * (batch.shape[0] / n)).backward()
+    for w in model.parameters():
+        if w.grad is not None:
+            distributed.all_sum(w.grad)
 
 
 def taylor_scores(

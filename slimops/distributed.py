@@ -1,0 +1,83 @@
+"""Data-parallel calibration on torch.distributed (torchrun), not a home-made process pool.
+
+Under `torchrun --nproc_per_node N` every rank loads the model and draws the same calibration
+windows (same seed), then calibrates on its own contiguous share of them (`shard`). Whatever a
+method accumulates over calibration tokens is summed over ranks before it is used: Hessians
+(sequential.LayerWork.hessians), input statistics (methods.common.InputStats), gradients
+(taylor), error curves' energies and search's fitness. Every rank then holds the same numbers
+and makes the same decision; rank 0 alone writes the checkpoint and prints.
+
+Multi-node is the same program: `torchrun --nnodes M --nproc_per_node N --rdzv_backend c10d
+--rdzv_endpoint HOST:PORT -m slimops.cli prune ...` (README). One process is world size 1,
+and nothing here does anything.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1);
+    gloo on CPU, nccl with GPUs. True when this process is part of a group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+def shard(tokens: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """This rank's contiguous share of the calibration windows and a line saying so."""
+    rank, size = world()
+    n = tokens.shape[0]
+    if size == 1:
+        return tokens, f"calibrating on samples 0-{n - 1}"
+    if n < size:
+        raise ValueError(f"{n} calibration samples cannot be split over {size} ranks")
+    start, end = rank * n // size, (rank + 1) * n // size
+    return tokens[
+        start:end
+    ], f"world size {size}: rank {rank} calibrates on samples {start}-{end - 1}"
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (gloo needs CPU tensors, nccl CUDA ones)."""
+    if world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_sum_float(x: float) -> float:
+    return float(all_sum(torch.tensor([x], dtype=torch.float64))[0]) if world()[1] > 1 else x
+
+
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's copy of a same-shaped tensor, in rank order ([t] alone)."""
+    if world()[1] == 1:
+        return [t]
+    out = [torch.empty_like(t) for _ in range(world()[1])]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
