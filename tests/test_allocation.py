@@ -1,10 +1,11 @@
 """SlimGPT's allocation (methods/allocation.py): error curves, the least-error split between
 heads and FFN, the cross-layer allocation and its weights, and the paper's equal split in
 query heads (no half-unit overshoot of the attention share)."""
+
 import pytest
 import torch
-from helpers import make_tiny_model
 
+from helpers import make_tiny_model
 from slimops.methods.allocation import (
     Curve,
     allocate,

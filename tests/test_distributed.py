@@ -1,6 +1,7 @@
 """Data-parallel calibration under torchrun (2 gloo processes on CPU) gives the same plan and
 the same weights (within 1e-5) as one process with all the samples, for every data-driven
 method; the CLI says how the samples are split and rank 0 alone writes the checkpoint."""
+
 import json
 import os
 import socket
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 import torch
+
 from helpers import ROOT, SAMPLE_TEXT
 
 METHODS = ("slimgpt", "wanda-sp", "flap", "taylor")
@@ -38,8 +40,14 @@ def free_port() -> int:
 
 
 def torchrun(args: list[str], nproc: int = 2, **kw) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, **kw)
 
@@ -50,11 +58,13 @@ def runs(tmp_path_factory):
     results = {}
     for name, launch in (("one", None), ("two", torchrun)):
         script = tmp / f"{name}.py"
-        script.write_text(SCRIPT.format(tests=str(ROOT / "tests"), methods=METHODS,
-                                        out=str(tmp / f"{name}.pt")))
+        script.write_text(
+            SCRIPT.format(tests=str(ROOT / "tests"), methods=METHODS, out=str(tmp / f"{name}.pt"))
+        )
         if launch is None:
-            proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                                  timeout=600)
+            proc = subprocess.run(
+                [sys.executable, str(script)], capture_output=True, text=True, timeout=600
+            )
         else:
             proc = launch([str(script)])
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -76,9 +86,26 @@ def test_cli_under_torchrun_says_the_split_and_rank0_saves(saved_tiny_model, tmp
     text = tmp_path / "calib.txt"
     text.write_text(SAMPLE_TEXT * 20)
     out = tmp_path / "pruned"
-    proc = torchrun(["-m", "slimops.cli", "prune", str(saved_tiny_model), "--ratio", "0.3",
-                     "--calib", str(text), "--nsamples", "8", "--seqlen", "32", "--out",
-                     str(out), "--json", str(tmp_path / "r.json")])
+    proc = torchrun(
+        [
+            "-m",
+            "slimops.cli",
+            "prune",
+            str(saved_tiny_model),
+            "--ratio",
+            "0.3",
+            "--calib",
+            str(text),
+            "--nsamples",
+            "8",
+            "--seqlen",
+            "32",
+            "--out",
+            str(out),
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2: rank 0 calibrates on samples 0-3" in proc.stderr
     assert "world size 2: rank 1 calibrates on samples 4-7" in proc.stderr
