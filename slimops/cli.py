@@ -22,7 +22,12 @@ USER_ERRORS = (
 
 def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="prune a HF causal LM and save the smaller checkpoint")
-    p.add_argument("model", help="local HF model folder or hub id")
+    p.add_argument("model", help="local HF model folder, hub id or .gguf file")
+    p.add_argument(
+        "--gguf-file",
+        help="the GGUF file inside the MODEL folder (same as giving MODEL/NAME); its weights "
+        "are de-quantised to --dtype",
+    )
     p.add_argument(
         "--method",
         default="slimgpt",
@@ -62,6 +67,12 @@ def _add_prune(sub) -> None:
         "search: the FFN width step",
     )
     p.add_argument("--json", help="also write the prune report as JSON here")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="save progress after every layer in OUT.progress/ and continue from it if a "
+        "killed run left one (same settings; slimgpt)",
+    )
     _add_method_options(
         p.add_argument_group(
             "method options (each method takes its own; unset: the method's default)"
@@ -94,20 +105,47 @@ def _add_method_options(group) -> None:
             group.add_argument(flag, type=kind, default=None, help=text)
 
 
+# Perplexity options: None in argparse so that giving one together with --tasks is caught.
+_EVAL_DEFAULTS = {"data": "wikitext2", "seqlen": 128}
+_PPL_ONLY = ("data", "seqlen", "max_windows")
+_ZEROSHOT_ONLY = ("num_fewshot", "limit", "include_path")
+
+
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity and parameter count of a model")
-    p.add_argument("model")
-    p.add_argument(
-        "--data",
-        default="wikitext2",
-        help="wikitext2 | c4 (test split) | a text file | a folder of text files",
+    from .evaluation.zeroshot import PAPER_TASKS  # lm_eval itself is imported only to run
+
+    p = sub.add_parser(
+        "eval",
+        help="perplexity and parameter count of a model, or zero-shot accuracy (--tasks)",
+        description="Without --tasks: perplexity over non-overlapping windows of --data. "
+        "With --tasks: zero-shot accuracy through lm-evaluation-harness (pip install "
+        "'slimops[eval]'), e.g. --tasks " + ",".join(PAPER_TASKS) + " (the pruning papers' set).",
     )
-    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("model", help="HF causal-LM folder, hub id or slimops checkpoint")
+    ppl = p.add_argument_group("perplexity (without --tasks)")
+    ppl.add_argument(
+        "--data",
+        default=None,
+        help="wikitext2 | c4 (test split) | a text file | a folder of text files "
+        f"(default {_EVAL_DEFAULTS['data']})",
+    )
+    ppl.add_argument("--seqlen", type=int, default=None, help=f"default {_EVAL_DEFAULTS['seqlen']}")
+    ppl.add_argument("--max-windows", type=int, default=None, help="score only this many windows")
+    zs = p.add_argument_group("zero-shot (lm-evaluation-harness)")
+    zs.add_argument("--tasks", help="comma-separated lm_eval task names, e.g. boolq,piqa")
+    zs.add_argument("--num-fewshot", type=int, default=None, help="default: each task's (0)")
+    zs.add_argument(
+        "--limit", type=int, default=None, help="score only this many examples per task"
+    )
+    zs.add_argument(
+        "--include-path",
+        action="append",
+        help="a folder (or YAML file) of extra lm_eval task configs; repeatable",
+    )
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-windows", type=int, default=None, help="score only this many windows")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--json", help="write {ppl, params, ...} here")
+    p.add_argument("--json", help="write {ppl, params, ...} or the zero-shot results here")
 
 
 def _add_bench(sub) -> None:
@@ -163,6 +201,8 @@ def _add_demo(sub) -> None:
 def cmd_prune(args) -> None:
     from . import calibration, distributed, pipeline
 
+    if args.gguf_file:  # one model path from here on: the .gguf file
+        args.model = pipeline.resolve_model_path(args.model, args.gguf_file)
     schedule, options = _check_prune(args)  # every cheap check before any work
     distributed.init_from_env()  # under torchrun: join the group, calibrate on a share
     tokenizer = pipeline.load_tokenizer(args.model)  # calibration before weights:
@@ -170,12 +210,27 @@ def cmd_prune(args) -> None:
         args.calib, tokenizer, args.nsamples, args.seqlen, args.seed
     )  # short data fails fast
     model, _ = pipeline.load_model(args.model, args.dtype)
+    progress = _progress(args, options) if args.resume else None
     plan, report = pipeline.prune_model(
-        model, tokens, args.method, args.ratio, schedule, args.device, **options
+        model, tokens, args.method, args.ratio, schedule, args.device, progress, **options
     )
     if distributed.is_main():  # every rank holds the same model: one writes it
         _save_and_report(args, model, tokenizer, plan, report)
+        if progress is not None:
+            progress.clear()  # the checkpoint is complete: the progress is not needed
     distributed.barrier()
+
+
+def _progress(args, options):
+    """--resume: the progress folder beside --out, tied to every setting of this run."""
+    from .progress import Progress
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "json")}
+    folder = Path(args.out).with_name(Path(args.out).name + ".progress")
+    progress = Progress(folder, {**settings, **options})
+    if progress.done:
+        print(f"resuming from {folder}: {progress.done} layers already pruned", file=sys.stderr)
+    return progress
 
 
 def _check_prune(args) -> tuple:
@@ -189,6 +244,9 @@ def _check_prune(args) -> tuple:
     schedule = None if args.schedule is None else parse_schedule(args.schedule)
     options = _method_options(args)
     make_config(args.method, args.ratio, schedule, args.device, **options)
+    if args.resume and not METHODS[args.method].resumable:
+        resumable = ", ".join(n for n, m in METHODS.items() if m.resumable)
+        raise ValueError(f"--resume is implemented for {resumable} only, not {args.method}")
     model_config(args.model)  # an unsupported family fails first
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -266,31 +324,77 @@ def _report_dict(report) -> dict:
 
 
 def cmd_eval(args) -> None:
+    _check_eval_options(args)
+    if args.tasks:
+        _eval_zeroshot(args)
+    else:
+        _eval_perplexity(args)
+
+
+def _check_eval_options(args) -> None:
+    """Options of the other mode are refused rather than silently ignored."""
+    wrong = _PPL_ONLY if args.tasks else _ZEROSHOT_ONLY
+    given = ["--" + name.replace("_", "-") for name in wrong if getattr(args, name) is not None]
+    if given:
+        mode, other = ("perplexity", "--tasks") if args.tasks else ("--tasks", "perplexity")
+        raise ValueError(f"{', '.join(given)}: only for {mode} evaluation, not {other}")
+
+
+def _eval_perplexity(args) -> None:
     from . import calibration, pipeline
     from .evaluation.perplexity import perplexity
     from .models import get_adapter
 
+    data = args.data if args.data is not None else _EVAL_DEFAULTS["data"]
+    seqlen = args.seqlen if args.seqlen is not None else _EVAL_DEFAULTS["seqlen"]
     model, tokenizer = pipeline.load_model(args.model, args.dtype)
-    split = "test" if args.data in calibration.HUB_DATASETS else "train"
-    ids = calibration.tokenize(calibration.load_text(args.data, split), tokenizer)
+    split = "test" if data in calibration.HUB_DATASETS else "train"
+    ids = calibration.tokenize(calibration.load_text(data, split), tokenizer)
     model.to(args.device)
-    ppl = perplexity(model, ids, args.seqlen, args.batch_size, max_windows=args.max_windows)
+    ppl = perplexity(model, ids, seqlen, args.batch_size, max_windows=args.max_windows)
     adapter = get_adapter(model)
     result = {
         "ppl": ppl,
         "params": adapter.total_params(),
         "decoder_params": adapter.decoder_params(),
-        "seqlen": args.seqlen,
+        "seqlen": seqlen,
         "tokens": int(ids.numel()),
-        "data": args.data,
+        "data": data,
         "model": args.model,
     }
     print(
         f"ppl {ppl:.3f}  params {result['params']:,}  ({result['tokens']:,} tokens, "
-        f"seqlen {args.seqlen})"
+        f"seqlen {seqlen})"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def _eval_zeroshot(args) -> None:
+    from . import pipeline
+    from .evaluation import zeroshot
+    from .models import get_adapter
+
+    lm_eval = zeroshot.require_lm_eval()  # the missing extra, then bad names: before loading
+    tasks = zeroshot.parse_tasks(args.tasks)
+    manager = zeroshot.task_manager(tasks, args.include_path)
+    model, tokenizer = pipeline.load_model(args.model, args.dtype)
+    model.to(args.device)
+    raw = zeroshot.evaluate(
+        model, tokenizer, tasks, manager, args.num_fewshot, args.limit, args.batch_size
+    )
+    summary = zeroshot.summarize(raw)
+    print(zeroshot.markdown(summary))
+    if args.json:
+        result = summary | {
+            "model": args.model,
+            "params": get_adapter(model).total_params(),
+            "num_fewshot": args.num_fewshot,
+            "limit": args.limit,
+            "lm_eval_version": getattr(lm_eval, "__version__", None),
+            "lm_eval": raw,
+        }
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
 
 
 def cmd_bench(args) -> None:

@@ -17,7 +17,7 @@ from . import distributed
 from .evaluation import search_report
 from .loading import DTYPES, load_model, load_tokenizer, resolve_model_path  # noqa: F401 (API)
 from .memory import reset_peak_rss, status_kb
-from .methods import get_method, make_config
+from .methods import METHODS, get_method, make_config
 from .models import get_adapter
 from .plan import PruningPlan
 from .slicing import apply_plan
@@ -75,6 +75,7 @@ def prune_model(
     ratio: float = 0.2,
     schedule=None,
     device: str = "cpu",
+    progress=None,
     **options,
 ) -> tuple[PruningPlan, PruneReport]:
     """Prune `model` in place to the method's plan and slice it; returns plan and report.
@@ -82,7 +83,8 @@ def prune_model(
     method: a name in slimops.methods.METHODS. schedule=None is the method's default (log for
     slimgpt, its Incremental Pruning Ratio; uniform for the baselines; flap sets widths
     itself). options: the method config's fields (batch_size, percdamp, align, ...).
-    Under torchrun (slimops.distributed) each rank calibrates on its share of `tokens`."""
+    Under torchrun (slimops.distributed) each rank calibrates on its share of `tokens`.
+    progress (slimops.progress.Progress): resume a killed run, save progress per layer."""
     cfg = make_config(method, ratio, schedule, device, **options)  # bad options fail here
     tokens, split = distributed.shard(tokens)
     if distributed.world()[1] > 1:
@@ -91,7 +93,12 @@ def prune_model(
     before = (adapter.decoder_params(), adapter.total_params())
     _reset_peak_memory(device)
     start = time.perf_counter()
-    plan = get_method(method).prune(model, tokens, cfg, adapter)
+    chosen = get_method(method)
+    if progress is not None and not chosen.resumable:
+        resumable = [n for n, m in METHODS.items() if m.resumable]
+        raise ValueError(f"--resume is implemented for {', '.join(resumable)} only, not {method}")
+    extra = {"progress": progress} if progress is not None else {}
+    plan = chosen.prune(model, tokens, cfg, adapter, **extra)
     apply_plan(model, plan)
     wall = time.perf_counter() - start
     report = PruneReport(

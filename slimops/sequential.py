@@ -192,8 +192,11 @@ def run_sequential(
     batch_size: int = 8,
     desc: str = "pruning",
     accumulate=ops.hessian_accumulate,
+    progress=None,
 ) -> PhaseTimer:
-    """Drive `prune_layer` over every decoder layer, in order; returns the phase timings."""
+    """Drive `prune_layer` over every decoder layer, in order; returns the phase timings.
+    progress (slimops.progress.Progress): layers it holds are loaded and only propagated,
+    and every newly pruned layer is saved to it."""
     device = torch.device(device)
     timer = PhaseTimer()
     use_cache = model.config.use_cache
@@ -202,13 +205,17 @@ def run_sequential(
         with timer("forward", device):
             inputs, kwargs = capture_inputs(adapter, tokens, batch_size, device)
         layers = adapter.layers()
+        done = progress.restore(layers) if progress is not None else 0
         for i in tqdm(
             range(len(layers)), desc=desc, unit="layer", disable=not distributed.is_main()
         ):
             home = _device_of(layers[i])
             layer = layers[i].to(device)
             work = LayerWork(i, layer, adapter, inputs, kwargs, device, timer, accumulate)
-            prune_layer(work)
+            if i >= done:  # else pruned by an earlier run: only propagated
+                prune_layer(work)
+                if progress is not None and distributed.is_main():
+                    progress.save_layer(i, layer)
             if not work.dropped:  # a dropped layer passes its inputs on unchanged
                 with timer("forward", device), torch.no_grad():
                     inputs = [work.forward(h) for h in inputs]

@@ -20,6 +20,7 @@ class Method(NamedTuple):
     config: type  # a common.PruneConfig dataclass
     prune: Callable  # prune(model, tokens, cfg, adapter=None) -> PruningPlan
     summary: str  # one line for --help
+    resumable: bool = False  # prune also takes progress= (slimops.progress, --resume)
 
     @property
     def default_schedule(self):
@@ -36,7 +37,9 @@ class Method(NamedTuple):
 
 
 METHODS: dict[str, Method] = {
-    "slimgpt": Method(slimgpt.SlimGPTConfig, slimgpt.prune, "SlimGPT: OBS head/channel pruning"),
+    "slimgpt": Method(
+        slimgpt.SlimGPTConfig, slimgpt.prune, "SlimGPT: OBS head/channel pruning", resumable=True
+    ),
     "magnitude": Method(magnitude.MagnitudeConfig, magnitude.prune, "weight norms (data-free)"),
     "wanda-sp": Method(wanda_sp.WandaSpConfig, wanda_sp.prune, "|W| * ||X|| (FLAP's Wanda-sp)"),
     "flap": Method(flap.FlapConfig, flap.prune, "FLAP: fluctuation, global threshold, bias"),

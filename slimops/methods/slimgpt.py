@@ -21,7 +21,7 @@ capped at what such a layer can lose.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -42,7 +42,7 @@ from .allocation import (
     layer_curves,
 )
 from .common import Budget, PruneConfig, channels_to_remove, finish, remove_heads
-from .obs_solver import ObsScorer, ObsSolver, damp_hessian
+from .obs_solver import Damping, ObsScorer, ObsSolver, damp_hessian
 from .slimgpt_reference import ReferenceSolver
 
 SPLITS = ("equal", "obs")
@@ -235,17 +235,40 @@ def obs_schedule(model, adapter, tokens: torch.Tensor, cfg: SlimGPTConfig) -> li
     return allocate(curves, sizes, weights, cfg.ratio * sum(sizes), cfg.max_layer_ratio)
 
 
-def prune(model, tokens: torch.Tensor, cfg: SlimGPTConfig, adapter=None) -> PruningPlan:
-    """Prune `model` in place (masked + compensated; slice with slicing.apply_plan)."""
-    adapter = adapter or get_adapter(model)
+def _ratios(model, adapter, tokens, cfg: SlimGPTConfig) -> tuple[list[float], dict]:
     if cfg.schedule == "obs":
         ratios = obs_schedule(model, adapter, tokens, cfg)
     else:
         ratios = layer_ratios(cfg.schedule, cfg.ratio, len(adapter.layers()), cfg.max_layer_ratio)
-    align_info = {}
     if cfg.align:  # before any work: cap layers at what whole groups + N-multiples allow
-        ratios, align_info = aligned_ratios(adapter, ratios, cfg.align, cfg.whole_kv_groups)
-    budget, damping, plans = Budget(), [], []
+        return aligned_ratios(adapter, ratios, cfg.align, cfg.whole_kv_groups)
+    return ratios, {}
+
+
+def prune(
+    model, tokens: torch.Tensor, cfg: SlimGPTConfig, adapter=None, progress=None
+) -> PruningPlan:
+    """Prune `model` in place (masked + compensated; slice with slicing.apply_plan).
+    progress (slimops.progress.Progress): continue where a killed run stopped, and save
+    this run's state after every layer."""
+    adapter = adapter or get_adapter(model)
+    state = progress.state if progress is not None else {}
+    if "ratios" in state:  # resumed: the schedule (the obs one costs a pass) is known
+        ratios, align_info = state["ratios"], state["align_info"]
+    else:
+        ratios, align_info = _ratios(model, adapter, tokens, cfg)
+    budget = Budget(state.get("carry", 0.0), state.get("removed", []))
+    damping = [Damping(**d) for d in state.get("damping", [])]
+    plans = [LayerPlan(**lp) for lp in state.get("plans", [])]
+    if progress is not None:
+        progress.state_fn = lambda: {
+            "ratios": ratios,
+            "align_info": align_info,
+            "carry": budget.carry,
+            "removed": budget.removed,
+            "damping": [asdict(d) for d in damping],
+            "plans": [asdict(lp) for lp in plans],
+        }
     accumulate, batch_size = ops.hessian_accumulate, cfg.batch_size
     if cfg.reference:  # as the authors' (SparseGPT-derived) code: one sequence per forward,
         accumulate, batch_size = hessian_reference.hessian_accumulate, 1  # fp32 addmm into H
@@ -258,6 +281,7 @@ def prune(model, tokens: torch.Tensor, cfg: SlimGPTConfig, adapter=None) -> Prun
         batch_size=batch_size,
         desc="slimgpt" + (" (reference)" if cfg.reference else ""),
         accumulate=accumulate,
+        progress=progress,
     )
     return finish(
         plans,
