@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -184,14 +185,41 @@ def _save_tokenizer(folder: Path, tokenizer) -> bool:
 def _write_checkpoint(tmp: Path, model, tokenizer, plan, extra_info, extra_files) -> None:
     adapter = get_adapter(model)
     shapes = model_layer_shapes(model)
-    config_cls, model_cls = family_classes(adapter.family)[0], stock_class(model)
     model.save_pretrained(tmp)
+    finish_folder(
+        tmp,
+        adapter.family,
+        stock_class(model),
+        shapes,
+        adapter.head_dim,
+        tokenizer,
+        plan,
+        extra_info,
+        extra_files,
+    )
+
+
+def finish_folder(
+    tmp: Path,
+    family: str,
+    model_cls: type,
+    shapes: list[dict],
+    head_dim: int,
+    tokenizer=None,
+    plan=None,
+    extra_info=None,
+    extra_files=None,
+) -> None:
+    """Turn a folder holding the weights and a dense config.json into a slimops checkpoint:
+    per-layer shapes (or a plain stock config), remote modeling file, tokenizer, plan, info.
+    Shared by save_pruned and streaming.py's layer-by-layer writer."""
+    config_cls = family_classes(family)[0]
     config_path = tmp / "config.json"
     config_dict = json.loads(config_path.read_text())
     for key in _OWN_KEYS:
         config_dict.pop(key, None)
-    config_dict = _stock_config(config_dict, shapes, adapter.head_dim, model_cls) or _remote_config(
-        config_dict, shapes, adapter.head_dim, config_cls, model_cls
+    config_dict = _stock_config(config_dict, shapes, head_dim, model_cls) or _remote_config(
+        config_dict, shapes, head_dim, config_cls, model_cls
     )
     config_path.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     # config.json first: AutoTokenizer reads its model_type in the check.
@@ -254,6 +282,15 @@ def save_pruned(
     overwrite=True (then the old folder is replaced atomically). A failure or interrupt
     midway leaves neither out_dir nor a temp dir behind.
     """
+    with atomic_folder(out_dir, overwrite) as tmp:
+        _write_checkpoint(tmp, model, tokenizer, plan, extra_info, extra_files)
+    return Path(out_dir).expanduser().absolute()
+
+
+@contextmanager
+def atomic_folder(out_dir, overwrite: bool = False):
+    """Yield a temp folder beside out_dir; on success it becomes out_dir in one rename, on
+    any failure or interrupt it is removed. FileExistsError first if out_dir is taken."""
     out = Path(out_dir).expanduser().absolute()
     if _is_occupied(out) and not overwrite:
         raise FileExistsError(
@@ -264,12 +301,11 @@ def save_pruned(
     # Same filesystem as out_dir, so the final rename is atomic.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_checkpoint(tmp, model, tokenizer, plan, extra_info, extra_files)
+        yield tmp
         _move_into_place(tmp, out, overwrite)
     except BaseException:  # KeyboardInterrupt included: never leave a half save
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def load(path, device="cpu", dtype=None):

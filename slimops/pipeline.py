@@ -91,7 +91,7 @@ def prune_model(
         print(split, file=sys.stderr, flush=True)
     adapter = get_adapter(model)
     before = (adapter.decoder_params(), adapter.total_params())
-    _reset_peak_memory(device)
+    reset_peak_memory(device)
     start = time.perf_counter()
     chosen = get_method(method)
     if progress is not None and not chosen.resumable:
@@ -109,14 +109,14 @@ def prune_model(
         before[1],
         adapter.total_params(),
         wall,
-        _peak_memory_mb(device),
+        peak_memory_mb(device),
         plan.shapes(),
         {**plan.info, "calibration_split": split},
     )
     return plan, report
 
 
-def _reset_peak_memory(device) -> None:
+def reset_peak_memory(device) -> None:
     """Start a new peak-memory window, so several prunes in one process each report their
     own peak: CUDA's allocator stats, or the process's peak RSS (slimops.memory)."""
     if torch.device(device).type == "cuda":
@@ -125,7 +125,7 @@ def _reset_peak_memory(device) -> None:
         reset_peak_rss()  # where impossible the peak is the process's so far
 
 
-def _peak_memory_mb(device) -> float:
+def peak_memory_mb(device) -> float:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     peak_kb = status_kb("VmHWM")

@@ -46,11 +46,9 @@ class Progress:
             )
         self.done, self.state = saved["done"], saved["state"]
 
-    def restore(self, layers) -> int:
-        """Load the saved layers into `layers`; the number of layers already done."""
-        for i in range(self.done):
-            layers[i].load_state_dict(load_file(self.folder / f"layer_{i}.safetensors"))
-        return self.done
+    def load_layer(self, index: int, layer: torch.nn.Module) -> None:
+        """Put the saved (pruned) weights of layer `index` into `layer`."""
+        layer.load_state_dict(load_file(self.folder / f"layer_{index}.safetensors"))
 
     def save_layer(self, index: int, layer: torch.nn.Module) -> None:
         """Layer `index` is pruned: write it, then the progress that points at it."""

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 
 from . import distributed, ops
 
+OFFLOADS = ("auto", "cpu", "none")
+
 
 class _StopForward(Exception):
     pass
@@ -136,8 +138,12 @@ class LayerWork:
         self.dropped = False  # set by a method that removes the whole layer
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer's output for one batch (on the compute device; offloaded activations
+        are moved there first)."""
         kwargs = dict(self.kwargs)
-        out = self.layer(hidden, *kwargs.pop("_args", ()), **kwargs)
+        out = self.layer(
+            hidden.to(self.device, non_blocking=True), *kwargs.pop("_args", ()), **kwargs
+        )
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
@@ -183,6 +189,34 @@ class LayerWork:
         return out
 
 
+class InMemoryLayers:
+    """Where layers come from and go back to: the model in memory (each layer visits the
+    compute device while it is pruned). streaming.py's source reads them from safetensors
+    shards instead and writes each pruned layer out."""
+
+    def open(self, i: int, layers: nn.ModuleList, device) -> nn.Module:
+        self.home = _device_of(layers[i])
+        return layers[i].to(device)
+
+    def close(self, i: int, layers: nn.ModuleList, layer: nn.Module, work: LayerWork) -> None:
+        layers[i] = layer.to(self.home)
+
+
+def activation_home(inputs: list[torch.Tensor], device: torch.device, offload: str) -> torch.device:
+    """Where calibration activations live between layers: on the compute device, or on the
+    CPU (pinned, moved per batch) with offload="cpu", or with "auto" when they would take
+    more than half of the free GPU memory."""
+    if offload not in OFFLOADS:
+        raise ValueError(f"--offload {offload!r}: choose one of {', '.join(OFFLOADS)}")
+    if device.type != "cuda" or offload == "none":
+        return device
+    if offload == "auto":
+        need = sum(h.numel() * h.element_size() for h in inputs)
+        if need < 0.5 * torch.cuda.mem_get_info(device)[0]:
+            return device
+    return torch.device("cpu")
+
+
 def run_sequential(
     model,
     adapter,
@@ -193,37 +227,51 @@ def run_sequential(
     desc: str = "pruning",
     accumulate=ops.hessian_accumulate,
     progress=None,
+    source=None,
+    offload: str = "auto",
 ) -> PhaseTimer:
     """Drive `prune_layer` over every decoder layer, in order; returns the phase timings.
     progress (slimops.progress.Progress): layers it holds are loaded and only propagated,
-    and every newly pruned layer is saved to it."""
+    every newly pruned layer is saved to it. source: where layers come from (default
+    InMemoryLayers). offload: where activations wait between layers (activation_home)."""
     device = torch.device(device)
     timer = PhaseTimer()
+    source = source or InMemoryLayers()
     use_cache = model.config.use_cache
     model.config.use_cache = False
     try:
         with timer("forward", device):
             inputs, kwargs = capture_inputs(adapter, tokens, batch_size, device)
+        home = activation_home(inputs, device, offload)
+        inputs = [_park(h, home) for h in inputs]
         layers = adapter.layers()
-        done = progress.restore(layers) if progress is not None else 0
+        done = progress.done if progress is not None else 0
         for i in tqdm(
             range(len(layers)), desc=desc, unit="layer", disable=not distributed.is_main()
         ):
-            home = _device_of(layers[i])
-            layer = layers[i].to(device)
+            layer = source.open(i, layers, device)
             work = LayerWork(i, layer, adapter, inputs, kwargs, device, timer, accumulate)
-            if i >= done:  # else pruned by an earlier run: only propagated
+            if i < done:  # pruned by an earlier, killed run: load it, only propagate
+                progress.load_layer(i, layer)
+            else:
                 prune_layer(work)
                 if progress is not None and distributed.is_main():
                     progress.save_layer(i, layer)
             if not work.dropped:  # a dropped layer passes its inputs on unchanged
                 with timer("forward", device), torch.no_grad():
-                    inputs = [work.forward(h) for h in inputs]
+                    inputs = [_park(work.forward(h), home) for h in inputs]
             _check_finite(inputs, i)
-            layers[i] = layer.to(home)
+            source.close(i, layers, layer, work)
     finally:
         model.config.use_cache = use_cache
     return timer
+
+
+def _park(t: torch.Tensor, home: torch.device) -> torch.Tensor:
+    if t.device == home:
+        return t
+    t = t.to(home)
+    return t.pin_memory() if home.type == "cpu" and torch.cuda.is_available() else t
 
 
 def _device_of(module: nn.Module) -> torch.device:

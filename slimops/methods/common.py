@@ -42,6 +42,13 @@ class PruneConfig:
     schedule: str | list | None = "uniform"
     batch_size: int = 8  # calibration sequences per forward (/backward)
     device: str = "cpu"
+    offload: str = field(
+        default="auto",
+        metadata={
+            "help": "where calibration activations wait between layers: auto (the "
+            "GPU while they take under half its free memory) | cpu | none"
+        },
+    )
 
     def __post_init__(self):
         check_ratio(self.ratio)

@@ -160,7 +160,14 @@ def prune(model, tokens: torch.Tensor, cfg: FlapConfig, adapter=None) -> Pruning
         means.append({k: s.mean().cpu() for k, s in stats.items()})
 
     timer = run_sequential(
-        model, adapter, tokens, collect, device=cfg.device, batch_size=cfg.batch_size, desc="flap"
+        model,
+        adapter,
+        tokens,
+        collect,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        offload=cfg.offload,
+        desc="flap",
     )
     layers = adapter.layers()
     costs = [adapter.unit_costs(layer) for layer in layers]

@@ -103,6 +103,7 @@ def reform(
     percdamp: float = 0.01,
     rho: float = 1.0,
     iters: int = 30,
+    offload: str = "auto",
 ) -> dict:
     """Reform every layer of `model` in place to `plan` (masked + refit; slice with
     slicing.apply_plan); returns the phase timings."""
@@ -115,6 +116,7 @@ def reform(
         lambda w: reform_layer(w, plan.layers[w.index], how, percdamp, rho, iters),
         device=device,
         batch_size=batch_size,
+        offload=offload,
         desc=f"search: reformation ({how})",
     )
     return timer.seconds

@@ -115,6 +115,7 @@ def dense_pass(
     context: int,
     device="cpu",
     batch_size: int = 8,
+    offload: str = "auto",
 ) -> tuple[list[LayerStats], dict]:
     """LayerStats of every layer from one sequential pass over the DENSE model (nothing is
     pruned: layer i+1 sees dense layer-i outputs); phase timings."""
@@ -127,6 +128,7 @@ def dense_pass(
         lambda w: stats.append(layer_stats(w, percdamp, attn_macs)),
         device=device,
         batch_size=batch_size,
+        offload=offload,
         desc="search: saliency",
     )
     return stats, timer.seconds

@@ -254,7 +254,7 @@ def prune(model, tokens: torch.Tensor, cfg: SearchConfig, adapter=None) -> Pruni
     start = time.perf_counter()
     context = tokens.shape[1]
     stats, saliency_s = dense_pass(
-        model, adapter, tokens, cfg.percdamp, context, cfg.device, cfg.batch_size
+        model, adapter, tokens, cfg.percdamp, context, cfg.device, cfg.batch_size, cfg.offload
     )
     space = Space(
         [s.space for s in stats], cfg.align or 0, cfg.budget, cfg.ratio, depth=cfg.search_depth
@@ -291,6 +291,7 @@ def prune(model, tokens: torch.Tensor, cfg: SearchConfig, adapter=None) -> Pruni
         cfg.percdamp,
         cfg.admm_rho,
         cfg.admm_iters,
+        cfg.offload,
     )
     plan.info = {
         "budget": cfg.budget,

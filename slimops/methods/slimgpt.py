@@ -187,7 +187,8 @@ def prune_layer(
         channels = prune_channels(solver, n_remove, cfg.min_group)
         down.weight.copy_(solver.W)
     budget.close(target, removed + n_remove * costs["channel"])
-    return LayerPlan(heads, kv, channels)
+    work.plan = LayerPlan(heads, kv, channels)  # for a layer source that slices as it goes
+    return work.plan
 
 
 @torch.no_grad()
@@ -223,6 +224,7 @@ def obs_schedule(model, adapter, tokens: torch.Tensor, cfg: SlimGPTConfig) -> li
         collect,
         device=cfg.device,
         batch_size=cfg.batch_size,
+        offload=cfg.offload,
         desc="slimgpt: error curves",
     )
     sizes = [adapter.layer_params(layer) for layer in adapter.layers()]
@@ -246,11 +248,12 @@ def _ratios(model, adapter, tokens, cfg: SlimGPTConfig) -> tuple[list[float], di
 
 
 def prune(
-    model, tokens: torch.Tensor, cfg: SlimGPTConfig, adapter=None, progress=None
+    model, tokens: torch.Tensor, cfg: SlimGPTConfig, adapter=None, progress=None, source=None
 ) -> PruningPlan:
     """Prune `model` in place (masked + compensated; slice with slicing.apply_plan).
     progress (slimops.progress.Progress): continue where a killed run stopped, and save
-    this run's state after every layer."""
+    this run's state after every layer. source: where the driver gets layers from
+    (streaming.ShardSource: one layer in memory at a time, sliced and written out)."""
     adapter = adapter or get_adapter(model)
     state = progress.state if progress is not None else {}
     if "ratios" in state:  # resumed: the schedule (the obs one costs a pass) is known
@@ -260,6 +263,8 @@ def prune(
     budget = Budget(state.get("carry", 0.0), state.get("removed", []))
     damping = [Damping(**d) for d in state.get("damping", [])]
     plans = [LayerPlan(**lp) for lp in state.get("plans", [])]
+    if source is not None:
+        source.plans = plans  # resumed layers are sliced by their saved plans
     if progress is not None:
         progress.state_fn = lambda: {
             "ratios": ratios,
@@ -281,7 +286,9 @@ def prune(
         batch_size=batch_size,
         desc="slimgpt" + (" (reference)" if cfg.reference else ""),
         accumulate=accumulate,
+        offload=cfg.offload,
         progress=progress,
+        source=source,
     )
     return finish(
         plans,

@@ -68,6 +68,7 @@ def prune(model, tokens: torch.Tensor, cfg: WandaSpConfig, adapter=None) -> Prun
         per_layer,
         device=cfg.device,
         batch_size=cfg.batch_size,
+        offload=cfg.offload,
         desc="wanda-sp",
     )
     return finish(
