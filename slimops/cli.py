@@ -68,6 +68,12 @@ def _add_prune(sub) -> None:
     )
     p.add_argument("--json", help="also write the prune report as JSON here")
     p.add_argument(
+        "--stream",
+        action="store_true",
+        help="for models larger than memory: read one layer at a time from the safetensors "
+        "shards and write the pruned checkpoint layer by layer (slimgpt, formula schedules)",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="save progress after every layer in OUT.progress/ and continue from it if a "
@@ -209,13 +215,34 @@ def cmd_prune(args) -> None:
     tokens = calibration.calibration_tokens(
         args.calib, tokenizer, args.nsamples, args.seqlen, args.seed
     )  # short data fails fast
-    model, _ = pipeline.load_model(args.model, args.dtype)
     progress = _progress(args, options) if args.resume else None
-    plan, report = pipeline.prune_model(
-        model, tokens, args.method, args.ratio, schedule, args.device, progress, **options
-    )
+    if args.stream:  # one layer in memory at a time, written to --out as it goes
+        from .streaming import prune_streamed
+
+        plan, report = prune_streamed(
+            args.model,
+            tokens,
+            args.out,
+            tokenizer,
+            args.method,
+            args.ratio,
+            schedule,
+            args.device,
+            pipeline.DTYPES[args.dtype],
+            args.overwrite,
+            progress,
+            **options,
+        )
+    else:
+        model, _ = pipeline.load_model(args.model, args.dtype)
+        plan, report = pipeline.prune_model(
+            model, tokens, args.method, args.ratio, schedule, args.device, progress, **options
+        )
     if distributed.is_main():  # every rank holds the same model: one writes it
-        _save_and_report(args, model, tokenizer, plan, report)
+        if not args.stream:
+            _save_and_report(args, model, tokenizer, plan, report)
+        else:
+            _report(args, report)
         if progress is not None:
             progress.clear()  # the checkpoint is complete: the progress is not needed
     distributed.barrier()
@@ -243,7 +270,11 @@ def _check_prune(args) -> tuple:
 
     schedule = None if args.schedule is None else parse_schedule(args.schedule)
     options = _method_options(args)
-    make_config(args.method, args.ratio, schedule, args.device, **options)
+    cfg = make_config(args.method, args.ratio, schedule, args.device, **options)
+    if args.stream:
+        from .streaming import check_streamable
+
+        check_streamable(args.method, cfg, args.model)
     if args.resume and not METHODS[args.method].resumable:
         resumable = ", ".join(n for n, m in METHODS.items() if m.resumable)
         raise ValueError(f"--resume is implemented for {resumable} only, not {args.method}")
@@ -259,16 +290,29 @@ def _check_prune(args) -> tuple:
     return schedule, options
 
 
-def _save_and_report(args, model, tokenizer, plan, report) -> None:
-    from .checkpoint import save_pruned
-
-    out = Path(args.out)
-    info = _report_dict(report) | {
+def _run_info(args, report) -> dict:
+    return _report_dict(report) | {
         "model": args.model,
         "calib": args.calib,
         "nsamples": args.nsamples,
         "seqlen": args.seqlen,
     }
+
+
+def _report(args, report, extra_plot: bool = False) -> None:
+    out = Path(args.out)
+    print(report.summary())
+    if extra_plot:
+        print(f"search history and Pareto front: {out / 'slimops_plan.json'}, {out / SEARCH_PLOT}")
+    print(f"saved to {out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(_run_info(args, report), indent=2))
+
+
+def _save_and_report(args, model, tokenizer, plan, report) -> None:
+    from .checkpoint import save_pruned
+
+    info = _run_info(args, report)
     extra = {}
     if "pareto_params" in plan.info:  # search: the Pareto front as a picture
         from .evaluation.search_report import pareto_png
@@ -276,19 +320,14 @@ def _save_and_report(args, model, tokenizer, plan, report) -> None:
         extra[SEARCH_PLOT] = pareto_png(plan.info)
     save_pruned(
         model.to("cpu"),
-        out,
+        args.out,
         tokenizer=tokenizer,
         plan=plan,
         extra_info=info,
         overwrite=args.overwrite,
         extra_files=extra,
     )
-    print(report.summary())
-    if extra:
-        print(f"search history and Pareto front: {out / 'slimops_plan.json'}, {out / SEARCH_PLOT}")
-    print(f"saved to {out}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(info, indent=2))
+    _report(args, report, bool(extra))
 
 
 def _method_options(args) -> dict:

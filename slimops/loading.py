@@ -1,14 +1,23 @@
-"""Loading what the user hands slimops: a local HF folder or a hub id, its family checked
-first, then its tokenizer, then its weights, each with one clear error line.
+"""Loading what the user hands slimops: a local HF folder, a hub id or a GGUF file, its family
+checked first, then its tokenizer, then its weights, each with one clear error line.
 
 Order matters for the user: an unsupported family is said before anything else (not a
 confusing failure three steps later), a folder without a tokenizer is said as such (not
 "the calibration text has 0 tokens"), unreadable weights name the file and the likely cause.
+
+GGUF (llama.cpp's single-file format, often quantised): `model.gguf`, or a folder plus
+`gguf_file=NAME`. The family comes from the header's `general.architecture` (read up to that
+key only); transformers then builds the config and tokenizer from the metadata and
+de-quantises the weights into a plain model, so a pruned GGUF saves as a normal checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import importlib.util
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -28,37 +37,197 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "spiece.model",
 )
+GGUF_SUFFIX = ".gguf"
 
 
-def resolve_model_path(name: str) -> str:
-    """A local folder, or something that looks like a hub id (org/name); else a clear error."""
+def resolve_model_path(name: str, gguf_file: str | None = None) -> str:
+    """A local folder, a local .gguf file (`name` itself, or `gguf_file` inside the folder
+    `name`), or something that looks like a hub id (org/name); else a clear error."""
     path = Path(name).expanduser()
+    if gguf_file is not None:
+        return _gguf_path(path / gguf_file, f"--gguf-file {gguf_file!r} in {name!r}")
+    if path.suffix.lower() == GGUF_SUFFIX:
+        return _gguf_path(path, f"model path {name!r}")
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {path} has no config.json")
+            ggufs = sorted(p.name for p in path.glob(f"*{GGUF_SUFFIX}")) if path.is_dir() else []
+            hint = (
+                f" (it holds {', '.join(ggufs)}: pass the .gguf path, or --gguf-file NAME)"
+                if ggufs
+                else ""
+            )
+            raise FileNotFoundError(f"model folder {path} has no config.json{hint}")
         return str(path)
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise FileNotFoundError(
-            f"model path {name!r} does not exist (give a HF model folder or a hub id like org/name)"
+            f"model path {name!r} does not exist (give a HF model folder, a .gguf file or a "
+            "hub id like org/name)"
         )
     return name
 
 
-def model_config(name: str):
-    """The model's HF config, its family checked: unsupported families fail here, first."""
-    path = resolve_model_path(name)
+def _gguf_path(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{what}: no GGUF file at {path} (GGUF input must be a local file; download it first)"
+        )
+    return str(path)
+
+
+def is_gguf(path: str) -> bool:
+    """Whether a resolved model path is a GGUF file (resolve_model_path checked it exists)."""
+    return path.lower().endswith(GGUF_SUFFIX)
+
+
+# --- GGUF header: the architecture without parsing the whole metadata ---------------------
+
+# GGUF value type -> struct format (uint8 .. float64); 8 is a string, 9 an array.
+_GGUF_SCALARS = dict(enumerate("BbHhIif?")) | {10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _read(f, fmt: str):
+    size = struct.calcsize(fmt)
+    data = f.read(size)
+    if len(data) != size:
+        raise EOFError
+    return struct.unpack(fmt, data)[0]
+
+
+def _read_string(f) -> str:
+    return f.read(_read(f, "<Q")).decode("utf-8", errors="replace")
+
+
+def _skip_value(f, kind: int) -> None:
+    if kind in _GGUF_SCALARS:
+        f.seek(struct.calcsize("<" + _GGUF_SCALARS[kind]), 1)
+    elif kind == _GGUF_STRING:
+        f.seek(_read(f, "<Q"), 1)
+    elif kind == _GGUF_ARRAY:
+        item, count = _read(f, "<I"), _read(f, "<Q")
+        if item in _GGUF_SCALARS:
+            f.seek(count * struct.calcsize("<" + _GGUF_SCALARS[item]), 1)
+        else:
+            for _ in range(count):
+                _skip_value(f, item)
+    else:
+        raise ValueError(f"unknown GGUF value type {kind}")
+
+
+def gguf_architecture(path: str) -> str:
+    """`general.architecture` of a GGUF file (v2/v3, little-endian), read from the header up
+    to that key: milliseconds, where transformers' full metadata parse takes ~10 s for a
+    49k-token vocabulary."""
     try:
-        config = AutoConfig.from_pretrained(path)
-    except (ValueError, json.JSONDecodeError) as exc:  # unknown model_type, broken JSON
-        raise ValueError(f"cannot read the config of {path}: {exc}") from None
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ValueError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+            version = _read(f, "<I")
+            if version not in (2, 3):
+                raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+            _read(f, "<Q")  # tensor count
+            for _ in range(_read(f, "<Q")):
+                key, kind = _read_string(f), _read(f, "<I")
+                if key == "general.architecture" and kind == _GGUF_STRING:
+                    return _read_string(f)
+                _skip_value(f, kind)
+    except EOFError:
+        raise ValueError(f"{path}: the GGUF header is truncated") from None
+    raise ValueError(f"{path}: the GGUF header has no general.architecture")
+
+
+def _check_gguf_family(path: str) -> None:
+    _require_gguf()
+    arch = gguf_architecture(path)
+    try:
+        family_spec(arch)
+    except ValueError as exc:
+        raise ValueError(f"{path}: GGUF architecture {arch!r}: {exc}") from None
+
+
+def _require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("reading a .gguf file needs the gguf package: pip install gguf")
+
+
+# transformers parses the whole GGUF metadata for the config and again for the tokenizer
+# (~10 s each for SmolLM2's vocabulary on a busy 2-core CPU); the prune flow asks for both
+# twice, so each is read once per file version and handed out as copies.
+def _file_stamp(path: str) -> tuple:
+    stat = Path(path).stat()
+    return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(stamp: tuple):
+    file = Path(stamp[0])
+    try:
+        return AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
+    except (ValueError, KeyError) as exc:  # an architecture transformers cannot read
+        raise ValueError(f"cannot read the GGUF metadata of {file}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(stamp: tuple):
+    file = Path(stamp[0])
+    try:
+        return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"cannot build the tokenizer of {file} from its metadata: {exc}") from None
+
+
+def _load_gguf_model(path: str, config, dtype: torch.dtype):
+    """A plain (de-quantised, serialisable) model from a GGUF file."""
+    file = Path(path)
+    kwargs = {}
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    if gguf_config is not None:  # unpack every weight: plain nn.Linear even where `kernels`
+        kwargs["quantization_config"] = gguf_config(dequantize=True)  # could keep GGUF blocks
+    auto_cls = getattr(transformers, family_spec(config.model_type)["auto_class"])
+    model = auto_cls.from_pretrained(
+        str(file.parent), gguf_file=file.name, config=config, dtype=dtype, **kwargs
+    ).eval()
+    # The weights are dense now; what is left of the GGUF "quantisation" only makes
+    # save_pretrained refuse ("quantized with gguf ... not serializable").
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    elif hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    packed = {type(m).__name__ for m in model.modules() if "gguf" in type(m).__name__.lower()}
+    if packed:
+        raise ValueError(
+            f"{path}: transformers kept GGUF-packed layers ({', '.join(sorted(packed))}); "
+            "slimops needs de-quantised weights (upgrade transformers)"
+        )
+    return model
+
+
+# --- the loaders ---------------------------------------------------------------------------
+
+
+def model_config(name: str, gguf_file: str | None = None):
+    """The model's HF config, its family checked: unsupported families fail here, first."""
+    path = resolve_model_path(name, gguf_file)
+    if is_gguf(path):
+        _check_gguf_family(path)  # before transformers parses the whole metadata
+        config = copy.deepcopy(_gguf_config(_file_stamp(path)))
+    else:
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (ValueError, json.JSONDecodeError) as exc:  # unknown model_type, broken JSON
+            raise ValueError(f"cannot read the config of {path}: {exc}") from None
     family_spec(getattr(config, "slimops_base_model_type", None) or config.model_type)
     return config
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, gguf_file: str | None = None):
     """The model's tokenizer; a local folder without one is a clear error."""
-    path = resolve_model_path(name)
+    path = resolve_model_path(name, gguf_file)
+    if is_gguf(path):
+        _check_gguf_family(path)
+        return copy.deepcopy(_gguf_tokenizer(_file_stamp(path)))
     folder = Path(path).expanduser()
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise FileNotFoundError(
@@ -69,20 +238,24 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def load_model(name: str, dtype: str = "fp32"):
+def load_model(name: str, dtype: str = "fp32", gguf_file: str | None = None):
     """(model, tokenizer) on the CPU; slimops checkpoints (per-layer shapes) load without
-    remote code. The family is checked before any weights are read."""
+    remote code, GGUF files de-quantised to `dtype`. The family is checked before any
+    weights are read."""
     from .checkpoint import load as load_checkpoint
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    config = model_config(name)
-    path = resolve_model_path(name)
+    config = model_config(name, gguf_file)
+    path = resolve_model_path(name, gguf_file)
     try:
-        if getattr(config, "slimops_layers", None) is not None:
+        if is_gguf(path):
+            model = _load_gguf_model(path, config, DTYPES[dtype])
+        elif getattr(config, "slimops_layers", None) is not None:
             return load_checkpoint(path, device="cpu", dtype=DTYPES[dtype])
-        auto_cls = getattr(transformers, family_spec(config.model_type)["auto_class"])
-        model = auto_cls.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+        else:
+            auto_cls = getattr(transformers, family_spec(config.model_type)["auto_class"])
+            model = auto_cls.from_pretrained(path, dtype=DTYPES[dtype]).eval()
     except SafetensorError as exc:
         raise ValueError(
             f"the weights of {path} are unreadable ({exc}): the .safetensors "

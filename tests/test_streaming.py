@@ -1,13 +1,14 @@
 """--stream: pruning one layer in memory at a time from safetensors shards gives the same
 plan and the same model as pruning in memory, never holds two layers, writes a checkpoint
 stock transformers loads, resumes, and refuses what it cannot do with one clear line."""
+
 import copy
 import json
 
 import pytest
 import torch
-from helpers import SAMPLE_TEXT, make_tiny_model, make_tiny_tokenizer
 
+from helpers import SAMPLE_TEXT, make_tiny_model, make_tiny_tokenizer
 from slimops import checkpoint, streaming
 from slimops.cli import main
 from slimops.pipeline import prune_model
@@ -20,6 +21,7 @@ def calib(n=8, seqlen=32):
 @pytest.fixture
 def sharded(tmp_path):
     """A tiny model saved in many small shards (several per layer)."""
+
     def make(family):
         model = make_tiny_model(family, layers=3, perturb=True)
         model.save_pretrained(tmp_path / family, max_shard_size="60KB")
@@ -44,15 +46,18 @@ def test_streamed_equals_in_memory_and_reloads(sharded, tmp_path, family, monkey
         return real_open(self, i, layers, device)
 
     monkeypatch.setattr(streaming.ShardSource, "open", open_one)
-    plan, report = streaming.prune_streamed(folder, calib(), tmp_path / "out",
-                                            make_tiny_tokenizer(), "slimgpt", 0.4)
+    plan, report = streaming.prune_streamed(
+        folder, calib(), tmp_path / "out", make_tiny_tokenizer(), "slimgpt", 0.4
+    )
     ref = copy.deepcopy(model)
     plan_ref, report_ref = prune_model(ref, calib(), "slimgpt", 0.4)
     assert opened == [0, 1, 2] and plan.layers == plan_ref.layers
     assert report.decoder_params_after == report_ref.decoder_params_after
     ids = torch.randint(0, 256, (2, 10))
-    for loaded in (checkpoint.load(tmp_path / "out")[0],
-                   AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)):
+    for loaded in (
+        checkpoint.load(tmp_path / "out")[0],
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True),
+    ):
         torch.testing.assert_close(loaded(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
 
 
@@ -60,24 +65,62 @@ def test_cli_stream_with_resume(sharded, tmp_path):
     _, folder = sharded("llama")
     text = tmp_path / "calib.txt"
     text.write_text(SAMPLE_TEXT * 20)
-    base = ["prune", str(folder), "--ratio", "0.3", "--calib", str(text), "--nsamples", "8",
-            "--seqlen", "32"]
+    base = [
+        "prune",
+        str(folder),
+        "--ratio",
+        "0.3",
+        "--calib",
+        str(text),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "32",
+    ]
     assert main(base + ["--out", str(tmp_path / "mem"), "--json", str(tmp_path / "a.json")]) == 0
-    assert main(base + ["--out", str(tmp_path / "str"), "--stream", "--resume", "--json",
-                        str(tmp_path / "b.json")]) == 0
+    assert (
+        main(
+            base
+            + [
+                "--out",
+                str(tmp_path / "str"),
+                "--stream",
+                "--resume",
+                "--json",
+                str(tmp_path / "b.json"),
+            ]
+        )
+        == 0
+    )
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
     assert a["layer_shapes"] == b["layer_shapes"] and b["info"]["streamed"]
     assert not (tmp_path / "str.progress").exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--method", "flap"], "--stream supports slimgpt"),
-    (["--schedule", "obs"], "--stream supports slimgpt"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "flap"], "--stream supports slimgpt"),
+        (["--schedule", "obs"], "--stream supports slimgpt"),
+    ],
+)
 def test_stream_refuses_what_it_cannot_do(sharded, tmp_path, capsys, extra, message):
     _, folder = sharded("llama")
     text = tmp_path / "calib.txt"
     text.write_text(SAMPLE_TEXT * 20)
-    assert main(["prune", str(folder), "--calib", str(text), "--out", str(tmp_path / "o"),
-                 "--stream", *extra]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                str(folder),
+                "--calib",
+                str(text),
+                "--out",
+                str(tmp_path / "o"),
+                "--stream",
+                *extra,
+            ]
+        )
+        == 2
+    )
     assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
