@@ -33,44 +33,29 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import DTYPES, write_json
+from common import DTYPES, SHAPE, add_args, build_config, write_json
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--wmin", type=int, default=1600)
-    p.add_argument("--wmax", type=int, default=2000)
-    p.add_argument("--step", type=int, default=0, help="1: every width (default: the grid)")
+    add_args(p, **SHAPE, threads=2, wmin=1600, wmax=2000)
+    add_args(p, step=(0, "1: every width (default: the grid)"), micro_repeats=5)
     p.add_argument("--prefill", type=int, nargs="*", default=[128, 512])
-    p.add_argument("--micro-repeats", type=int, default=5)
-    p.add_argument("--ffn", type=int, default=2816)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--ratio", type=float, default=0.3)
-    p.add_argument("--schedule", default="log")
+    add_args(p, ratio=0.3, schedule="log")
     p.add_argument("--aligns", default="8,64", help="comma-separated N for the aligned runs")
     p.add_argument(
         "--ffn-only-aligns",
         default="8",
         help="N for runs that align the FFN only (whole_kv_groups=False)",
     )
-    p.add_argument("--nsamples", type=int, default=16)
-    p.add_argument("--seqlen", type=int, default=128)
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--new", type=int, default=64)
-    p.add_argument("--long-prompt", type=int, default=512, help="0: skip the long prefill")
-    p.add_argument("--repeats", type=int, default=5)
+    add_args(p, nsamples=16, seqlen=128, prompt=128, new=64, repeats=5)
+    add_args(p, long_prompt=(512, "0: skip the long prefill"), ppl_windows=256)
     p.add_argument("--skip-micro", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--ppl", action="store_true", help="also part 3 (accuracy)")
-    p.add_argument("--ppl-windows", type=int, default=256)
-    p.add_argument("--json", help="write every number here")
+    add_args(p, json=(None, "write every number here"))
     return p.parse_args()
 
 
@@ -232,18 +217,9 @@ def variants(args) -> list[tuple[str, dict]]:
 
 
 def build_model(args):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        initializer_range=0.02,
-        max_position_embeddings=max(args.seqlen, args.prompt + args.new),
-    )
+    cfg = build_config(args, max_position_embeddings=max(args.seqlen, args.prompt + args.new))
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
 

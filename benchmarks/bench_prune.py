@@ -18,21 +18,13 @@ import time
 
 import torch
 
-from common import markdown_table, write_json
+from common import SHAPE, add_args, build_config, markdown_table, write_json
 
 
 def build_model(args):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=args.seqlen,
-    )
+    cfg = build_config(args, max_position_embeddings=args.seqlen)
     torch.manual_seed(args.seed)
     return LlamaForCausalLM(cfg).to(getattr(torch, args.dtype)).eval()
 
@@ -60,21 +52,11 @@ def run(model, tokens, args, reference: bool):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--ffn", type=int, default=2816)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=None, help="default: = --heads (MHA)")
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--ratio", type=float, default=0.2)
-    p.add_argument("--schedule", default="log")
+    add_args(p, **(SHAPE | {"kv_heads": (None, "default: = --heads (MHA)")}))
+    add_args(p, nsamples=32, seqlen=256, batch_size=8, ratio=0.2, schedule="log")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write both paths' phase times here")
+    add_args(p, seed=0, json=(None, "write both paths' phase times here"))
     args = p.parse_args()
     args.kv_heads = args.kv_heads or args.heads
     from slimops import ops

@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import device_string, write_json
+from common import add_args, device_string, write_json
 from slimops import calibration, corpus
 from slimops.methods import search
 from slimops.methods.saliency import dense_pass
@@ -68,13 +68,8 @@ def timed(fn, cands) -> tuple[float, list[float]]:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="slimops/assets/reference_model")
-    p.add_argument("--ratio", type=float, default=0.3)
-    p.add_argument("--candidates", type=int, default=48)
-    p.add_argument("--fitness-samples", type=int, default=8)
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write the result here")
+    add_args(p, ratio=0.3, candidates=48, fitness_samples=8, seqlen=256, batch_size=8, seed=0)
+    add_args(p, json=(None, "write the result here"))
     args = p.parse_args(argv)
 
     model, tok = load_model(args.model)

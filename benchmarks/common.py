@@ -345,6 +345,43 @@ def add_shared_args(
     )
 
 
+# The model-shape options: (default, the LlamaConfig field it sets). The defaults, SHAPE, are
+# the README throughput table's model.
+SHAPE_OPTIONS = {
+    "hidden": (1024, "hidden_size"),
+    "ffn": (2816, "intermediate_size"),
+    "heads": (16, "num_attention_heads"),
+    "kv_heads": (4, "num_key_value_heads"),
+    "layers": (8, "num_hidden_layers"),
+    "vocab": (4096, "vocab_size"),
+}
+SHAPE = {name: default for name, (default, _) in SHAPE_OPTIONS.items()}
+
+
+def add_args(p: argparse.ArgumentParser, **defaults) -> None:
+    """--name (underscores as dashes) for each keyword, its value the default; a (default,
+    help) pair gives a help. The shape options (SHAPE_OPTIONS) are ints whose help is the
+    config field they set; any other option takes its default's type (None: a string)."""
+    for name, value in defaults.items():
+        field = SHAPE_OPTIONS.get(name, (None, None))[1]
+        default, text = value if isinstance(value, tuple) else (value, field)
+        kind = int if field else type(default)
+        kind = None if kind in (str, type(None)) else kind
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text)
+
+
+def build_config(args, **fields):
+    """The LlamaConfig of args' shape (the SHAPE_OPTIONS, as add_args names them) with HF's
+    std 0.02 init and untied embeddings; fields: any other config field."""
+    from transformers import LlamaConfig
+
+    shape = {field: getattr(args, name) for name, (_, field) in SHAPE_OPTIONS.items()}
+    head_dim = args.hidden // args.heads
+    return LlamaConfig(
+        **shape, head_dim=head_dim, initializer_range=0.02, tie_word_embeddings=False, **fields
+    )
+
+
 # (setup, loop body) of each kind of competing process.
 LOADS = {
     "busy": ("", "pass"),

@@ -22,20 +22,13 @@ from pathlib import Path
 
 import torch
 
+from common import DTYPES, SHAPE, add_args, build_config
+
 REFERENCE = Path(__file__).resolve().parent.parent / "slimops" / "assets" / "reference_model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TOKENIZER_VOCAB, TOKEN_ID = 4096, 0  # its size; <|endoftext|> is bos = eos = pad = 0
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULTS = dict(
-    hidden=1024,
-    ffn=2816,
-    heads=16,
-    kv_heads=4,
-    layers=8,
-    vocab=4096,
-    dtype="fp32",
-    max_positions=4096,
-)
+TOKEN_IDS = dict(bos_token_id=TOKEN_ID, eos_token_id=TOKEN_ID, pad_token_id=TOKEN_ID)
+DEFAULTS = {**SHAPE, "dtype": "fp32", "max_positions": 4096}
 PRESETS = {
     "llama-7b": dict(
         hidden=4096, ffn=11008, heads=32, kv_heads=32, layers=32, vocab=32000, dtype="bf16"
@@ -46,12 +39,7 @@ PRESETS = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS))
-    p.add_argument("--hidden", type=int)
-    p.add_argument("--ffn", type=int, help="intermediate_size")
-    p.add_argument("--heads", type=int, help="query heads")
-    p.add_argument("--kv-heads", type=int)
-    p.add_argument("--layers", type=int)
-    p.add_argument("--vocab", type=int)
+    add_args(p, **dict.fromkeys(SHAPE))  # None: from --preset or DEFAULTS
     p.add_argument("--max-positions", type=int, help="max_position_embeddings")
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument(
@@ -88,33 +76,14 @@ def check_args(args) -> None:
         raise FileExistsError(f"--out {out} exists and is not empty (use --overwrite)")
 
 
-def build_config(args):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads,
-        max_position_embeddings=args.max_positions,
-        initializer_range=0.02,
-        tie_word_embeddings=False,
-        bos_token_id=TOKEN_ID,
-        eos_token_id=TOKEN_ID,
-        pad_token_id=TOKEN_ID,
-    )
-
-
 def build_model(args):
     """Random-init LlamaForCausalLM, parameters created and initialised in args.dtype."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(args.seed)
     with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(build_config(args), dtype=DTYPES[args.dtype])
+        config = build_config(args, max_position_embeddings=args.max_positions, **TOKEN_IDS)
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[args.dtype])
     return model.eval()
 
 
@@ -137,10 +106,7 @@ def main(argv=None) -> int:
     model = build_model(args)
     params = sum(p.numel() for p in model.parameters())
     out = save(model, Path(args.out), args.overwrite)
-    shape = {
-        k: getattr(args, k)
-        for k in ("hidden", "ffn", "heads", "kv_heads", "layers", "vocab", "dtype")
-    }
+    shape = {k: getattr(args, k) for k in (*SHAPE, "dtype")}
     print(f"wrote {out}: {params:,} params, {json.dumps(shape)}")
     return 0
 
