@@ -86,14 +86,14 @@ def parse_options(text: str) -> dict:
     return out
 
 
-def plan_runs(methods, ratios, schedules, variants=("",)) -> list[dict]:
-    """One dict per prune: slimgpt once per schedule and --slimgpt-options variant, the
-    other methods once (their default schedule). An explicit per-layer list runs once, at
-    its own mean ratio."""
+def plan_runs(methods, ratios, schedules, variants=None) -> list[dict]:
+    """One dict per prune: slimgpt once per schedule, every method once per variant of its
+    options (variants: method -> ["k=v,k=v", ...]; none: its defaults), the others at their
+    default schedule. An explicit per-layer list runs once, at its own mean ratio."""
     runs = []
     for method in methods:
         scheds = schedules if method == "slimgpt" else [None]
-        options = [parse_options(v) for v in variants] if method == "slimgpt" else [{}]
+        options = [parse_options(v) for v in (variants or {}).get(method, [""])]
         for sched in scheds:
             for opts in options:
                 if isinstance(sched, list):
@@ -254,6 +254,13 @@ def parse_args(argv=None):
         "split=equal split=obs",
     )
     p.add_argument(
+        "--search-options",
+        nargs="+",
+        default=[""],
+        metavar="K=V,K=V",
+        help="search config variants, e.g. generations=6,population=12 fitness=kl",
+    )
+    p.add_argument(
         "--held-in",
         action="store_true",
         help="never read the test split: score the last 10%% of the train text",
@@ -294,7 +301,8 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     dense_scores = scorer(dense.to(args.device))
     dense.to("cpu")
-    runs = plan_runs(args.methods, args.ratios, args.schedules, args.slimgpt_options)
+    variants = {"slimgpt": args.slimgpt_options, "search": args.search_options}
+    runs = plan_runs(args.methods, args.ratios, args.schedules, variants)
     print(
         f"{args.model}: {len(runs)} prunes, calibration {tuple(tokens.shape)}, "
         f"eval on {scorer.description}",

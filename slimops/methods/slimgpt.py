@@ -51,9 +51,10 @@ SPLITS = ("equal", "obs")
 @dataclass
 class SlimGPTConfig(PruneConfig):
     schedule: str | list = "log"  # log | linear | uniform | obs | per-layer list
-    split: str = "equal"  # heads vs FFN in a layer: equal (the paper: the
-    # layer's ratio of its query heads, the FFN the
-    # rest) | obs (least OBS error, allocation.py)
+    # heads vs FFN in a layer: obs (least OBS error, allocation.py; the default: better than
+    # equal on held-in text of both the reference model and SmolLM2, benchmarks/RESULTS.md)
+    # | equal (the paper: the layer's ratio of its query heads, the FFN the rest)
+    split: str = "obs"
     max_layer_ratio: float = 0.9  # cap on any layer's ratio (schedules log, obs)
     layer_weights: str = "gradient"  # schedule obs: gradient (Fisher) | energy
     gradient_samples: int = 16  # calibration sequences for gradient weights
