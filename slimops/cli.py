@@ -154,15 +154,17 @@ def _add_eval(sub) -> None:
     p.add_argument("--json", help="write {ppl, params, ...} or the zero-shot results here")
 
 
+_BENCH_DESCRIPTION = (
+    "Benchmark models side by side through HF generate (greedy, exactly --gen new tokens, "
+    "static KV cache where the model supports it). The last line is 'speedup decode X prefill "
+    "Y': the LAST model's median tok/s over the FIRST model's, at the FIRST --batch and FIRST "
+    "--prompt value."
+)
+
+
 def _add_bench(sub) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="prefill/decode tok/s, TTFT, peak memory, params, MACs of models",
-        description="Benchmark models side by side through HF generate (greedy, exactly --gen "
-        "new tokens, static KV cache where the model supports it). The last line "
-        "is 'speedup decode X prefill Y': the LAST model's median tok/s over the "
-        "FIRST model's, at the FIRST --batch and FIRST --prompt value.",
-    )
+    about = "prefill/decode tok/s, TTFT, peak memory, params, MACs of models"
+    p = sub.add_parser("bench", help=about, description=_BENCH_DESCRIPTION)
     p.add_argument(
         "models",
         nargs="+",

@@ -116,14 +116,21 @@ def test_missing_model_and_nonempty_out(tmp_path, text_file, saved_tiny_model, c
     assert (busy / "keep.txt").read_text() == "mine"
 
 
-def test_nonfinite_activations_are_reported(saved_tiny_model, text_file, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("model.layers.0.mlp.down_proj.weight", float("inf")),  # corrupt weights
+        ("model.layers.0.post_attention_layernorm.weight", 1e38),  # activations overflow
+    ],
+)
+def test_nonfinite_activations_are_reported(
+    saved_tiny_model, text_file, tmp_path, capsys, name, value
+):
     import torch
     from safetensors.torch import load_file, save_file
 
     weights = load_file(saved_tiny_model / "model.safetensors")
-    weights["model.layers.0.mlp.down_proj.weight"] = torch.full_like(
-        weights["model.layers.0.mlp.down_proj.weight"], float("inf")
-    )
+    weights[name] = torch.full_like(weights[name], value)
     save_file(weights, saved_tiny_model / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "o"
     assert (

@@ -180,16 +180,9 @@ def _tune_on_scratch(X, rows, offsets, gather):
     _launch(scratch, X, rows, offsets, 1, gather, 1.0)
 
 
-def hessian_accumulate(
-    H: torch.Tensor,
-    X: torch.Tensor,
-    group_ids: torch.Tensor | None = None,
-    scale: float = 1.0,
-    *,
-    check_indices: bool = True,
-) -> None:
-    """In place: H[g] += scale * X[group_ids == g].T @ X[group_ids == g] (Triton SYRK).
-    H (G, d, d) fp32 contiguous; X (T, d) fp32/bf16/fp16, any strides; group_ids (T,) int64.
+def hessian_accumulate(H, X, group_ids=None, scale=1.0, *, check_indices=True) -> None:
+    """In place: H[g] += scale * X[group_ids == g].T @ X[group_ids == g] (Triton SYRK);
+    arguments and types as slimops.ops.hessian_accumulate, X already (T, d), any strides.
     check_indices=False skips the group-id range check (a device sync) for trusted ids."""
     check_inputs(H, X, group_ids, check_indices)
     check_triton_device(OP, H)

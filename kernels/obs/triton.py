@@ -124,6 +124,41 @@ def _obs_group_errors_kernel(
 
 
 @triton.jit
+def _transposed_product(
+    a_ptr,
+    b_ptr,
+    offs_m,
+    offs_n,
+    mm,
+    mn,
+    s,
+    a_cols,
+    b_cols,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Tile A[:, offs_m]^T B[:, offs_n] over the s rows of A (s, a_cols) and B (s, b_cols),
+    both row-major; masked rows/columns read as zeros."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, s, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mk = offs_k < s
+        at = tl.load(
+            a_ptr + offs_k[None, :] * a_cols + offs_m[:, None],
+            mask=mk[None, :] & mm[:, None],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + offs_k[:, None] * b_cols + offs_n[None, :],
+            mask=mk[:, None] & mn[None, :],
+            other=0.0,
+        )
+        acc += tl.dot(at, b, input_precision=_DOT)
+    return acc
+
+
+@triton.jit
 def _obs_downdate_kernel(
     hinv_ptr,
     v_ptr,
@@ -146,17 +181,7 @@ def _obs_downdate_kernel(
     offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
     mm = offs_m < d
     mn = offs_n < d
-    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-    for k0 in range(0, s, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mk = offs_k < s
-        vt = tl.load(
-            v_ptr + offs_k[None, :] * d + offs_m[:, None], mask=mk[None, :] & mm[:, None], other=0.0
-        )
-        v = tl.load(
-            v_ptr + offs_k[:, None] * d + offs_n[None, :], mask=mk[:, None] & mn[None, :], other=0.0
-        )
-        acc += tl.dot(vt, v, input_precision=_DOT)
+    acc = _transposed_product(v_ptr, v_ptr, offs_m, offs_n, mm, mn, s, d, d, BLOCK, BLOCK, BLOCK_K)
     om = offs_m[:, None].to(tl.int64)
     on = offs_n[None, :].to(tl.int64)
     inside = mm[:, None] & mn[None, :]
@@ -192,17 +217,9 @@ def _obs_weight_update_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mm = offs_m < r
     mn = offs_n < d
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, s, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mk = offs_k < s
-        ut = tl.load(
-            u_ptr + offs_k[None, :] * r + offs_m[:, None], mask=mk[None, :] & mm[:, None], other=0.0
-        )
-        v = tl.load(
-            v_ptr + offs_k[:, None] * d + offs_n[None, :], mask=mk[:, None] & mn[None, :], other=0.0
-        )
-        acc += tl.dot(ut, v, input_precision=_DOT)
+    acc = _transposed_product(
+        u_ptr, v_ptr, offs_m, offs_n, mm, mn, s, r, d, BLOCK_M, BLOCK_N, BLOCK_K
+    )
     ptrs = (
         w_ptr + offs_m[:, None].to(tl.int64) * stride_wm + offs_n[None, :].to(tl.int64) * stride_wn
     )

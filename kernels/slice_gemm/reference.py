@@ -18,14 +18,8 @@ def expand_blocks(in_idx: torch.Tensor, in_block: int) -> torch.Tensor:
     return (in_idx[:, None] * in_block + offsets).reshape(-1)
 
 
-def slice_gemm(
-    X: torch.Tensor,
-    W: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    in_idx: torch.Tensor | None = None,
-    out_idx: torch.Tensor | None = None,
-    in_block: int = 1,
-) -> torch.Tensor:
+def slice_gemm(X, W, bias=None, in_idx=None, out_idx=None, in_block=1) -> torch.Tensor:
+    """The oracle: gather, then an fp32 matmul (arguments as slimops.ops.slice_gemm)."""
     Xs, Ws = X.float(), W.float()
     if in_idx is not None:
         cols = expand_blocks(in_idx, in_block)

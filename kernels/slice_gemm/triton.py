@@ -189,21 +189,16 @@ def _config(bm, bn, bk, warps, stages):
 # Candidates, not measurements: no GPU was lent when this was written. Prefill follows the
 # usual Hopper bf16 GEMM tiles; decode keeps BLOCK_M at tl.dot's minimum of 16 and varies
 # BLOCK_N so that 4096 x 11008 @ 75% (8256 rows) gives 65..258 programs for 132 SMs.
-_PREFILL = [
-    _config(128, 128, 64, 8, 3),
-    _config(128, 256, 64, 8, 3),
-    _config(128, 128, 64, 4, 4),
-    _config(64, 128, 64, 4, 4),
-    _config(128, 64, 64, 4, 4),
-    _config(64, 64, 32, 4, 5),
-]
-_DECODE = [
-    _config(16, 32, 128, 4, 4),
-    _config(16, 64, 128, 4, 4),
-    _config(16, 64, 64, 4, 5),
-    _config(16, 128, 64, 4, 4),
-    _config(16, 32, 256, 4, 3),
-]
+# fmt: off
+_PREFILL = [_config(*c) for c in (  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
+    (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 32, 4, 5),
+)]
+_DECODE = [_config(*c) for c in (
+    (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 64, 4, 5),
+    (16, 128, 64, 4, 4), (16, 32, 256, 4, 3),
+)]
+# fmt: on
 _INTERP = [_config(16, 32, 32, 4, 1)]
 
 
@@ -243,20 +238,11 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def slice_gemm(
-    X: torch.Tensor,
-    W: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    in_idx: torch.Tensor | None = None,
-    out_idx: torch.Tensor | None = None,
-    in_block: int = 1,
-    *,
-    check_indices: bool = True,
-) -> torch.Tensor:
-    """Y = X[:, I] @ W[J][:, I]^T (+ bias[J]), gathered in the kernel. X (T, d_in), W (d_out,
-    d_in), bias (d_out,), in_idx kept blocks of in_block columns, out_idx kept rows (int64).
-    check_indices=False skips the index range check, which costs a device sync per call:
-    for hot loops that reuse indices already checked once."""
+def slice_gemm(X, W, bias=None, in_idx=None, out_idx=None, in_block=1, *, check_indices=True):
+    """Y = X[:, I] @ W[J][:, I]^T (+ bias[J]), gathered in the kernel; arguments and types as
+    slimops.ops.slice_gemm (the documented contract). check_indices=False skips the index
+    range check, which costs a device sync per call: for hot loops that reuse indices already
+    checked once."""
     check_inputs(X, W, bias, in_idx, out_idx, in_block, check_indices)
     check_triton_device(OP, X)
     T, d_in = X.shape

@@ -65,6 +65,16 @@ def energy_weights(energies: list[float]) -> list[float]:
     return [1.0 / max(e, 1e-30) for e in energies]
 
 
+def layer_weights(
+    model, adapter, tokens, energies, how="gradient", batch_size=8, device="cpu"
+) -> list[float]:
+    """What an error in each layer costs at the output: gradient (Fisher) weights for causal
+    LMs unless how="energy", else 1 / the layer's output energy (encoders have no loss)."""
+    if adapter.causal_lm and how == "gradient":
+        return gradient_weights(model, adapter, tokens, batch_size, device)
+    return energy_weights(energies)
+
+
 def gradient_weights(
     model, adapter, tokens: torch.Tensor, batch_size: int = 8, device="cpu"
 ) -> list[float]:

@@ -55,6 +55,10 @@ class PruneConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size {self.batch_size} must be >= 1")
 
+    def driver(self) -> dict:
+        """sequential.run_sequential's device, batch_size and offload for this config."""
+        return {"device": self.device, "batch_size": self.batch_size, "offload": self.offload}
+
 
 @dataclass
 class UnitScores:

@@ -159,16 +159,7 @@ def prune(model, tokens: torch.Tensor, cfg: FlapConfig, adapter=None) -> Pruning
         )
         means.append({k: s.mean().cpu() for k, s in stats.items()})
 
-    timer = run_sequential(
-        model,
-        adapter,
-        tokens,
-        collect,
-        device=cfg.device,
-        batch_size=cfg.batch_size,
-        offload=cfg.offload,
-        desc="flap",
-    )
+    timer = run_sequential(model, adapter, tokens, collect, desc="flap", **cfg.driver())
     layers = adapter.layers()
     costs = [adapter.unit_costs(layer) for layer in layers]
     reps = [nh // nkv for nh, nkv, _ in map(adapter.layer_shape, layers)]

@@ -40,6 +40,11 @@ def damp_hessian(
             "the layer's Hessian has non-finite entries: the calibration "
             "activations overflowed; use fp32 or check the model"
         )
+    if not torch.isfinite(W).all():  # before any OBS algebra turns it into a PD failure
+        raise FloatingPointError(
+            "the layer's weights have non-finite entries: the checkpoint is corrupt or "
+            "overflowed in its dtype; check the model"
+        )
     H = H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0

@@ -98,15 +98,14 @@ def reform(
     tokens: torch.Tensor,
     plan: PruningPlan,
     how: str = "obs",
-    device="cpu",
-    batch_size: int = 8,
     percdamp: float = 0.01,
     rho: float = 1.0,
     iters: int = 30,
-    offload: str = "auto",
+    **driver,
 ) -> dict:
     """Reform every layer of `model` in place to `plan` (masked + refit; slice with
-    slicing.apply_plan); returns the phase timings."""
+    slicing.apply_plan); returns the phase timings. driver: run_sequential's device,
+    batch_size, offload (PruneConfig.driver())."""
     if how not in REFORMATIONS:
         raise ValueError(f"reformation {how!r}: choose one of {', '.join(REFORMATIONS)}")
     timer = run_sequential(
@@ -114,9 +113,7 @@ def reform(
         adapter,
         tokens,
         lambda w: reform_layer(w, plan.layers[w.index], how, percdamp, rho, iters),
-        device=device,
-        batch_size=batch_size,
-        offload=offload,
         desc=f"search: reformation ({how})",
+        **driver,
     )
     return timer.seconds

@@ -113,12 +113,11 @@ def dense_pass(
     tokens: torch.Tensor,
     percdamp: float,
     context: int,
-    device="cpu",
-    batch_size: int = 8,
-    offload: str = "auto",
+    **driver,
 ) -> tuple[list[LayerStats], dict]:
     """LayerStats of every layer from one sequential pass over the DENSE model (nothing is
-    pruned: layer i+1 sees dense layer-i outputs); phase timings."""
+    pruned: layer i+1 sees dense layer-i outputs); phase timings. driver: run_sequential's
+    device, batch_size, offload (PruneConfig.driver())."""
     stats: list[LayerStats] = []
     attn_macs = 2 * adapter.head_dim * context  # q.k and p.v per kept head and token
     timer = run_sequential(
@@ -126,9 +125,7 @@ def dense_pass(
         adapter,
         tokens,
         lambda w: stats.append(layer_stats(w, percdamp, attn_macs)),
-        device=device,
-        batch_size=batch_size,
-        offload=offload,
         desc="search: saliency",
+        **driver,
     )
     return stats, timer.seconds

@@ -35,15 +35,8 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..models import get_adapter
 from ..plan import PruningPlan
+from . import allocation
 from .align import check_align
-from .allocation import (
-    allocate,
-    best_split,
-    energy_weights,
-    gradient_weights,
-    layer_curve,
-    layer_curves,
-)
 from .common import PruneConfig, channels_to_remove
 from .obs_solver import ObsSolver
 from .reformation import REFORMATIONS, reform
@@ -129,19 +122,17 @@ def allocation_seed(space: Space, model, adapter, stats, tokens, cfg: SearchConf
             ObsSolver(w.weight.float().clone().to(cfg.device), H.to(cfg.device))
             for w, H in ((o, stats[i].H_o), (down, stats[i].H_down))
         ]
-        curves.append(layer_curves(adapter, layer, *solvers))
+        curves.append(allocation.layer_curves(adapter, layer, *solvers))
         sizes.append(space.params(i, space.full(i)))
-    weights = (
-        gradient_weights(model, adapter, tokens[:16], cfg.batch_size, cfg.device)
-        if adapter.causal_lm
-        else energy_weights([st.energy for st in stats])
+    energies = [st.energy for st in stats]
+    weights = allocation.layer_weights(
+        model, adapter, tokens[:16], energies, "gradient", cfg.batch_size, cfg.device
     )
-    ratios = allocate(
-        [layer_curve(c.heads, c.ffn) for c in curves], sizes, weights, cfg.ratio * sum(sizes), 0.9
-    )
+    lines = [allocation.layer_curve(c.heads, c.ffn) for c in curves]
+    ratios = allocation.allocate(lines, sizes, weights, cfg.ratio * sum(sizes), 0.9)
     for i, (c, r) in enumerate(zip(curves, ratios)):
         ls, target = space.layers[i], r * sizes[i]
-        attn = best_split(c.heads, c.ffn, target)
+        attn = allocation.best_split(c.heads, c.ffn, target)
         n_kv, per = c.widths_after(c.heads.params.index(attn), ls.num_kv, ls.rep)
         cut = channels_to_remove(target - attn, ls.costs["channel"], ls.ffn)
         genes.append(space.top(i, n_kv, per, ls.ffn - cut))
@@ -253,9 +244,7 @@ def prune(model, tokens: torch.Tensor, cfg: SearchConfig, adapter=None) -> Pruni
     rng = random.Random(cfg.seed)
     start = time.perf_counter()
     context = tokens.shape[1]
-    stats, saliency_s = dense_pass(
-        model, adapter, tokens, cfg.percdamp, context, cfg.device, cfg.batch_size, cfg.offload
-    )
+    stats, saliency_s = dense_pass(model, adapter, tokens, cfg.percdamp, context, **cfg.driver())
     space = Space(
         [s.space for s in stats], cfg.align or 0, cfg.budget, cfg.ratio, depth=cfg.search_depth
     )
@@ -286,12 +275,10 @@ def prune(model, tokens: torch.Tensor, cfg: SearchConfig, adapter=None) -> Pruni
         tokens,
         plan,
         cfg.reformation,
-        cfg.device,
-        cfg.batch_size,
         cfg.percdamp,
         cfg.admm_rho,
         cfg.admm_iters,
-        cfg.offload,
+        **cfg.driver(),
     )
     plan.info = {
         "budget": cfg.budget,

@@ -32,15 +32,7 @@ from ..plan import LayerPlan, PruningPlan
 from ..schedules import layer_ratios
 from ..sequential import LayerWork, run_sequential
 from .align import aligned_ratios, aligned_removal, check_align, kept_widths
-from .allocation import (
-    OutputEnergy,
-    allocate,
-    best_split,
-    energy_weights,
-    gradient_weights,
-    layer_curve,
-    layer_curves,
-)
+from .allocation import OutputEnergy, allocate, best_split, layer_curve, layer_curves, layer_weights
 from .common import Budget, PruneConfig, channels_to_remove, finish, remove_heads
 from .obs_solver import Damping, ObsScorer, ObsSolver, damp_hessian
 from .slimgpt_reference import ReferenceSolver
@@ -218,23 +210,17 @@ def obs_schedule(model, adapter, tokens: torch.Tensor, cfg: SlimGPTConfig) -> li
         curves.append(layer_curve(heads, ffn))
         energies.append(energy.mean)
 
-    run_sequential(
+    run_sequential(model, adapter, tokens, collect, desc="slimgpt: error curves", **cfg.driver())
+    sizes = [adapter.layer_params(layer) for layer in adapter.layers()]
+    weights = layer_weights(
         model,
         adapter,
-        tokens,
-        collect,
-        device=cfg.device,
-        batch_size=cfg.batch_size,
-        offload=cfg.offload,
-        desc="slimgpt: error curves",
+        tokens[: cfg.gradient_samples],
+        energies,
+        cfg.layer_weights,
+        cfg.batch_size,
+        cfg.device,
     )
-    sizes = [adapter.layer_params(layer) for layer in adapter.layers()]
-    if adapter.causal_lm and cfg.layer_weights == "gradient":
-        weights = gradient_weights(
-            model, adapter, tokens[: cfg.gradient_samples], cfg.batch_size, cfg.device
-        )
-    else:
-        weights = energy_weights(energies)
     return allocate(curves, sizes, weights, cfg.ratio * sum(sizes), cfg.max_layer_ratio)
 
 

@@ -61,16 +61,7 @@ def prune(model, tokens: torch.Tensor, cfg: WandaSpConfig, adapter=None) -> Prun
         mask_layer(adapter, layer, lp)
         plans.append(lp)
 
-    timer = run_sequential(
-        model,
-        adapter,
-        tokens,
-        per_layer,
-        device=cfg.device,
-        batch_size=cfg.batch_size,
-        offload=cfg.offload,
-        desc="wanda-sp",
-    )
+    timer = run_sequential(model, adapter, tokens, per_layer, desc="wanda-sp", **cfg.driver())
     return finish(
         plans,
         "wanda-sp",

@@ -48,65 +48,38 @@ HEAD_KEYS = ("num_attention_heads", "num_key_value_heads")  # widths in heads x 
 # giving the width). slimops' adapters derive everything from it (slimops/models), so a new
 # LLaMA-like family is one row here.
 #
-# Which side of each projection pruning narrows, and the shape key giving that width.
-# fmt: off  (tables: one row a line reads better than one value a line)
-ROLE_SIDES = {
-    "q": ("out", "num_attention_heads"),
-    "k": ("out", "num_key_value_heads"),
-    "v": ("out", "num_key_value_heads"),
-    "o": ("in", "num_attention_heads"),
-    "gate": ("out", "intermediate_size"),
-    "up": ("out", "intermediate_size"),
+# fmt: off
+# (tables: one row a line reads better than one value a line)
+ROLE_SIDES = {  # role -> (side pruning narrows, shape key giving that width)
+    "q": ("out", "num_attention_heads"), "k": ("out", "num_key_value_heads"),
+    "v": ("out", "num_key_value_heads"), "o": ("in", "num_attention_heads"),
+    "gate": ("out", "intermediate_size"), "up": ("out", "intermediate_size"),
     "down": ("in", "intermediate_size"),
 }
 
 
 def _spec(kind, layers, attention, final_norm, explicit_head_dim, config_keys, auto_class, **paths):
     return {
-        "kind": kind,
-        "layers": layers,
-        "attention": attention,
-        "final_norm": final_norm,
-        "explicit_head_dim": explicit_head_dim,
-        "config_keys": config_keys,
+        "kind": kind, "layers": layers, "attention": attention, "final_norm": final_norm,
+        "explicit_head_dim": explicit_head_dim, "config_keys": config_keys,
         "auto_class": auto_class,
         "projections": {role: (path, *ROLE_SIDES[role]) for role, path in paths.items()},
     }
 
 
 LLAMA_LIKE = _spec(
-    "llama-like",
-    "layers",
-    "self_attn",
-    "norm",
-    True,
-    SHAPE_KEYS,
-    "AutoModelForCausalLM",
-    q="self_attn.q_proj",
-    k="self_attn.k_proj",
-    v="self_attn.v_proj",
-    o="self_attn.o_proj",
-    gate="mlp.gate_proj",
-    up="mlp.up_proj",
-    down="mlp.down_proj",
+    "llama-like", "layers", "self_attn", "norm", True, SHAPE_KEYS, "AutoModelForCausalLM",
+    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+    gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
 )
 # BERT-style encoders: post-LayerNorm MHA (each layer ends normed: no final norm), biases
 # everywhere, a plain GELU FFN (no gate). BertConfig ignores head_dim: attention_head_size
 # is always hidden_size // heads.
 BERT_LIKE = _spec(
-    "bert-like",
-    "encoder.layer",
-    "attention.self",
-    None,
-    False,
-    ("num_attention_heads", "intermediate_size"),
-    "AutoModel",
-    q="attention.self.query",
-    k="attention.self.key",
-    v="attention.self.value",
-    o="attention.output.dense",
-    up="intermediate.dense",
-    down="output.dense",
+    "bert-like", "encoder.layer", "attention.self", None, False,
+    ("num_attention_heads", "intermediate_size"), "AutoModel",
+    q="attention.self.query", k="attention.self.key", v="attention.self.value",
+    o="attention.output.dense", up="intermediate.dense", down="output.dense",
 )
 # fmt: on
 # Qwen2 adds q/k/v biases, Qwen3 per-head q_norm/k_norm over head_dim (shared by all heads,
