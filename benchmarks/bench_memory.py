@@ -75,6 +75,8 @@ def prune_child(folder: Path, out: Path, text: Path, args) -> tuple[dict, float]
         str(args.ratio),
         "--schedule",
         "uniform",
+        "--split",
+        args.split,
         "--calib",
         str(text),
         "--nsamples",
@@ -108,6 +110,7 @@ def measure(shape: str, args, tmp: Path, text: Path) -> dict:
     target = 2 * layer + acts + 1
     return {
         "shape": shape,
+        "split": args.split,
         "layers": args.layers,
         "model_gb": size,
         "layer_gb": layer,
@@ -125,6 +128,9 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", action="append", choices=sorted(SHAPES))
     add_args(p, layers=2, vocab=32000, ratio=0.2, nsamples=8, seqlen=128)
+    # equal: split=obs (slimgpt's default) also holds down_proj's H while the heads go and
+    # walks a 32-point FFN error curve: ~8 CPU-minutes per layer at the 70B shape.
+    add_args(p, split=("equal", "slimgpt --split for the prune (obs: the default's memory)"))
     p.add_argument("--workdir", help="where the models go (default: a temp folder)")
     add_args(p, json=None)
     args = p.parse_args(argv)
@@ -141,13 +147,14 @@ def main(argv=None) -> list[dict]:
                 file=sys.stderr,
             )
     print(
-        "| shape | layers | model GB | one layer GB | activations GB | OBS state GB | "
+        "| shape | split | layers | model GB | one layer GB | activations GB | OBS state GB | "
         "peak RSS GB | target GB | met | wall s |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"
     )
     for r in rows:
         print(
-            f"| {r['shape']} | {r['layers']} | {r['model_gb']:.2f} | {r['layer_gb']:.2f} | "
+            f"| {r['shape']} | {r['split']} | {r['layers']} | {r['model_gb']:.2f} | "
+            f"{r['layer_gb']:.2f} | "
             f"{r['activations_gb']:.3f} | {r['obs_state_gb']:.2f} | {r['peak_rss_gb']:.2f} | "
             f"{r['target_gb']:.2f} | {'yes' if r['met'] else 'no'} | {r['wall_s']:.0f} |"
         )

@@ -43,8 +43,9 @@ def _add_prune(sub) -> None:
     p.add_argument(
         "--schedule",
         default=None,
-        help="per-layer ratios: log | linear | uniform | comma-separated list "
-        "(default: log for slimgpt, uniform for the baselines; flap is adaptive)",
+        help="per-layer ratios: log | linear | uniform | obs (slimgpt: from OBS error curves) "
+        "| comma-separated list (default: log for slimgpt, uniform for the baselines; flap "
+        "and search choose their own)",
     )
     p.add_argument(
         "--calib",

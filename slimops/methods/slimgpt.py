@@ -21,7 +21,7 @@ capped at what such a layer can lose.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -46,7 +46,10 @@ class SlimGPTConfig(PruneConfig):
     # heads vs FFN in a layer: obs (least OBS error, allocation.py; the default: better than
     # equal on held-in text of both the reference model and SmolLM2, benchmarks/RESULTS.md)
     # | equal (the paper: the layer's ratio of its query heads, the FFN the rest)
-    split: str = "obs"
+    split: str = field(
+        default="obs",
+        metadata={"help": "heads vs FFN in a layer: obs (least OBS error) | equal (the paper)"},
+    )
     max_layer_ratio: float = 0.9  # cap on any layer's ratio (schedules log, obs)
     layer_weights: str = "gradient"  # schedule obs: gradient (Fisher) | energy
     gradient_samples: int = 16  # calibration sequences for gradient weights
