@@ -111,6 +111,7 @@ def mutant(
     return space.repair(child, rng, frozen)
 
 
+@torch.no_grad()
 def allocation_seed(space: Space, model, adapter, stats, tokens, cfg: SearchConfig) -> tuple:
     """Widths from slimgpt's allocation (per-layer OBS error curves, weighted by what an
     error costs at the output, split between heads and FFN at least error) on the dense
