@@ -402,3 +402,13 @@ def make_hessian_case(T, d, G, empty_group=None, dtype=torch.float32, device="cp
             ids[ids == empty_group] = (empty_group + 1) % G
         ids = ids.to(device)
     return H.to(device), X.to(device), ids
+
+
+def prune_argv(model, calib, ratio: float = 0.3, nsamples: int = 8, seqlen: int = 32) -> list:
+    """`slimops prune` arguments of a small CLI run (add --out and the rest)."""
+    return ["prune", str(model), "--ratio", str(ratio), "--calib", str(calib)] + [
+        "--nsamples",
+        str(nsamples),
+        "--seqlen",
+        str(seqlen),
+    ]

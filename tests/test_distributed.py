@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, SAMPLE_TEXT
+from helpers import ROOT, SAMPLE_TEXT, prune_argv
 
 METHODS = ("slimgpt", "wanda-sp", "flap", "taylor")
 SCRIPT = """
@@ -90,16 +90,7 @@ def test_cli_under_torchrun_says_the_split_and_rank0_saves(saved_tiny_model, tmp
         [
             "-m",
             "slimops.cli",
-            "prune",
-            str(saved_tiny_model),
-            "--ratio",
-            "0.3",
-            "--calib",
-            str(text),
-            "--nsamples",
-            "8",
-            "--seqlen",
-            "32",
+            *prune_argv(saved_tiny_model, text),
             "--out",
             str(out),
             "--json",

@@ -8,7 +8,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from helpers import SAMPLE_TEXT, make_tiny_model, make_tiny_tokenizer
+from helpers import SAMPLE_TEXT, make_tiny_model, make_tiny_tokenizer, prune_argv
 from slimops.cli import main
 
 # The child prunes with --resume and kills itself (SIGKILL: no cleanup runs) right after
@@ -36,22 +36,7 @@ def setup(tmp_path):
     text.write_text(SAMPLE_TEXT * 20)
 
     def args(out, *extra):
-        return [
-            "prune",
-            str(model_dir),
-            "--ratio",
-            "0.4",
-            "--calib",
-            str(text),
-            "--nsamples",
-            "8",
-            "--seqlen",
-            "32",
-            "--out",
-            str(out),
-            "--resume",
-            *extra,
-        ]
+        return prune_argv(model_dir, text, 0.4) + ["--out", str(out), "--resume", *extra]
 
     return tmp_path, args
 

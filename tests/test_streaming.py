@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import SAMPLE_TEXT, make_tiny_model, make_tiny_tokenizer
+from helpers import SAMPLE_TEXT, make_tiny_model, make_tiny_tokenizer, prune_argv
 from slimops import checkpoint, streaming
 from slimops.cli import main
 from slimops.pipeline import prune_model
@@ -65,18 +65,7 @@ def test_cli_stream_with_resume(sharded, tmp_path):
     _, folder = sharded("llama")
     text = tmp_path / "calib.txt"
     text.write_text(SAMPLE_TEXT * 20)
-    base = [
-        "prune",
-        str(folder),
-        "--ratio",
-        "0.3",
-        "--calib",
-        str(text),
-        "--nsamples",
-        "8",
-        "--seqlen",
-        "32",
-    ]
+    base = prune_argv(folder, text)
     assert main(base + ["--out", str(tmp_path / "mem"), "--json", str(tmp_path / "a.json")]) == 0
     assert (
         main(
