@@ -404,11 +404,9 @@ def make_hessian_case(T, d, G, empty_group=None, dtype=torch.float32, device="cp
     return H.to(device), X.to(device), ids
 
 
-def prune_argv(model, calib, ratio: float = 0.3, nsamples: int = 8, seqlen: int = 32) -> list:
-    """`slimops prune` arguments of a small CLI run (add --out and the rest)."""
-    return ["prune", str(model), "--ratio", str(ratio), "--calib", str(calib)] + [
-        "--nsamples",
-        str(nsamples),
-        "--seqlen",
-        str(seqlen),
-    ]
+def prune_argv(model, calib, ratio=0.3, nsamples: int = 8, seqlen: int = 32, *rest) -> list:
+    """`slimops prune` arguments of a small CLI run, then `rest` (--out and the like);
+    ratio None leaves --ratio at the CLI's default."""
+    ratio_args = [] if ratio is None else ["--ratio", str(ratio)]
+    size = ["--nsamples", str(nsamples), "--seqlen", str(seqlen)]
+    return ["prune", str(model), *ratio_args, "--calib", str(calib), *size, *map(str, rest)]

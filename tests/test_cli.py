@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from helpers import SAMPLE_TEXT, make_tiny_model
+from helpers import SAMPLE_TEXT, make_tiny_model, prune_argv
 from slimops.cli import main
 
 
@@ -19,22 +19,17 @@ def text_file(tmp_path):
 def test_prune_then_eval(saved_tiny_model, text_file, tmp_path, capsys):
     out = tmp_path / "pruned"
     rc = main(
-        [
-            "prune",
-            str(saved_tiny_model),
-            "--ratio",
-            "0.3",
-            "--calib",
-            str(text_file),
-            "--nsamples",
-            "8",
-            "--seqlen",
-            "32",
+        prune_argv(
+            saved_tiny_model,
+            text_file,
+            0.3,
+            8,
+            32,
             "--out",
-            str(out),
+            out,
             "--json",
-            str(tmp_path / "report.json"),
-        ]
+            tmp_path / "report.json",
+        )
     )
     assert rc == 0
     printed = capsys.readouterr().out
@@ -73,18 +68,7 @@ def test_prune_then_eval(saved_tiny_model, text_file, tmp_path, capsys):
 )
 def test_bad_input_is_one_clear_line(saved_tiny_model, text_file, tmp_path, capsys, args, message):
     out = tmp_path / "out"
-    base = [
-        "prune",
-        str(saved_tiny_model),
-        "--calib",
-        str(text_file),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "32",
-        "--out",
-        str(out),
-    ]
+    base = prune_argv(saved_tiny_model, text_file, None, 4, 32, "--out", out)
     assert main(base + args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and sum("error" in line for line in err) == 1
@@ -133,23 +117,7 @@ def test_nonfinite_activations_are_reported(
     weights[name] = torch.full_like(weights[name], value)
     save_file(weights, saved_tiny_model / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "o"
-    assert (
-        main(
-            [
-                "prune",
-                str(saved_tiny_model),
-                "--calib",
-                str(text_file),
-                "--nsamples",
-                "4",
-                "--seqlen",
-                "32",
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert main(prune_argv(saved_tiny_model, text_file, None, 4, 32, "--out", out)) == 2
     assert "non-finite" in capsys.readouterr().err
     assert not out.exists()
 
@@ -159,28 +127,9 @@ def test_prune_aligned_and_baseline(saved_tiny_model, text_file, tmp_path):
     baseline goes through the same CLI path; both hit the ratio within a point."""
     for name, extra in (("aligned", ["--align", "8"]), ("flap", ["--method", "flap"])):
         out = tmp_path / name
-        assert (
-            main(
-                [
-                    "prune",
-                    str(saved_tiny_model),
-                    "--ratio",
-                    "0.3",
-                    "--calib",
-                    str(text_file),
-                    "--nsamples",
-                    "8",
-                    "--seqlen",
-                    "32",
-                    "--out",
-                    str(out),
-                    "--json",
-                    str(tmp_path / f"{name}.json"),
-                ]
-                + extra
-            )
-            == 0
-        )
+        json_out = tmp_path / f"{name}.json"
+        argv = prune_argv(saved_tiny_model, text_file, 0.3, 8, 32, "--out", out, "--json", json_out)
+        assert main(argv + extra) == 0
         report = json.loads((tmp_path / f"{name}.json").read_text())
         assert abs(report["achieved_ratio"] - 0.3) <= 0.01
         if name == "aligned":
@@ -225,23 +174,7 @@ def test_truncated_safetensors_is_one_clear_line(saved_tiny_model, text_file, tm
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     out = tmp_path / "o"
-    assert (
-        main(
-            [
-                "prune",
-                str(saved_tiny_model),
-                "--calib",
-                str(text_file),
-                "--nsamples",
-                "4",
-                "--seqlen",
-                "32",
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert main(prune_argv(saved_tiny_model, text_file, None, 4, 32, "--out", out)) == 2
     line = _one_error_line(capsys)
     assert "unreadable" in line and "truncated or corrupt" in line and str(saved_tiny_model) in line
     assert not out.exists()
@@ -251,38 +184,10 @@ def test_prune_with_search_writes_pareto_front(saved_tiny_model, text_file, tmp_
     out = tmp_path / "searched"
     assert (
         main(
-            [
-                "prune",
-                str(saved_tiny_model),
-                "--method",
-                "search",
-                "--ratio",
-                "0.3",
-                "--calib",
-                str(text_file),
-                "--nsamples",
-                "8",
-                "--seqlen",
-                "32",
-                "--out",
-                str(out),
-                "--generations",
-                "2",
-                "--population",
-                "6",
-                "--mutations",
-                "3",
-                "--crossovers",
-                "1",
-                "--parents",
-                "3",
-                "--fitness",
-                "kl",
-                "--budget",
-                "macs",
-                "--json",
-                str(tmp_path / "r.json"),
-            ]
+            prune_argv(saved_tiny_model, text_file, 0.3, 8, 32, "--method", "search")
+            + ["--out", str(out), "--generations", "2", "--population", "6", "--mutations", "3"]
+            + ["--crossovers", "1", "--parents", "3", "--fitness", "kl", "--budget", "macs"]
+            + ["--json", str(tmp_path / "r.json")]
         )
         == 0
     )
