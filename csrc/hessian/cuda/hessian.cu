@@ -22,6 +22,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "../../common/cuda_types.cuh"
 #include "../../common/torch_cuda.cuh"
 #include "../checks.h"
 
@@ -37,39 +38,6 @@ constexpr int kOutLd = kTile + 4;  // fp32 staging row: +16 bytes against bank c
 // pointer 32-byte aligned (72 halves = 144 B; 16 rows = 2304 B = 72 * 32 B).
 template <typename T>
 constexpr int kLd = kTile + 16 / static_cast<int>(sizeof(T));
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, __half>)
-    return __half2float(v);
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    return __bfloat162float(v);
-  else
-    return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T zero_value();
-template <>
-__device__ __forceinline__ float zero_value<float>() {
-  return 0.f;
-}
-template <>
-__device__ __forceinline__ __half zero_value<__half>() {
-  return __float2half(0.f);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 zero_value<__nv_bfloat16>() {
-  return __float2bfloat16(0.f);
-}
-
-// Tensor cores for 16-bit inputs; bf16 WMMA needs sm_80 (the host pass has no __CUDA_ARCH__).
-template <typename T>
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-constexpr bool kUseWmma = std::is_same_v<T, __half>;
-#else
-constexpr bool kUseWmma = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
-#endif
 
 // C[m][n] = sum_k xi[k][m] * xj[k][n] over one kRows step, with plain fp32 FMAs. Thread
 // (ty, tx) owns rows ty + 16r and columns tx + 8c: strided so a warp reads distinct banks.
@@ -154,7 +122,7 @@ __device__ void load_rows(T (*tile)[kLd<T>], const T* __restrict__ X,
   for (int e = threadIdx.x; e < kRows * kTile; e += kThreads) {
     const int r = e / kTile, c = e % kTile;  // consecutive threads: consecutive columns
     const int64_t row = k0 + r, col = col0 + c;
-    T v = zero_value<T>();
+    T v = from_float<T>(0.f);
     if (row < end && col < d) v = X[(rows ? rows[row] : row) * stride_t + col * stride_d];
     tile[r][c] = v;
   }

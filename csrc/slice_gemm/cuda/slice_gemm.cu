@@ -21,6 +21,7 @@
 
 #include <type_traits>
 
+#include "../../common/cuda_types.cuh"
 #include "../../common/torch_cuda.cuh"
 #include "../checks.h"
 
@@ -38,34 +39,6 @@ constexpr int kOutLd = kBN + 4;  // fp32 staging row: +16 bytes against bank con
 // lanes (rows tx + 16q) hit distinct banks.
 template <typename T>
 constexpr int kLd = std::is_same_v<T, float> ? kBK + 1 : kBK + 8;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, __half>)
-    return __half2float(v);
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    return __bfloat162float(v);
-  else
-    return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __half>)
-    return __float2half_rn(v);
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    return __float2bfloat16_rn(v);
-  else
-    return v;
-}
-
-// Tensor cores for 16-bit inputs; bf16 WMMA needs sm_80 (the host pass has no __CUDA_ARCH__).
-template <typename T>
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-constexpr bool kUseWmma = std::is_same_v<T, __half>;
-#else
-constexpr bool kUseWmma = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
-#endif
 
 // C[m][n] += sum_k xs[m][k] * ws[n][k] with fp32 FMAs. Thread (ty, tx) owns rows ty + 8r
 // and columns tx + 16q: a warp reads 2 rows of xs (broadcasts) and 16 rows of ws.
