@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import random
 import sys
 from pathlib import Path
@@ -410,3 +411,16 @@ def prune_argv(model, calib, ratio=0.3, nsamples: int = 8, seqlen: int = 32, *re
     ratio_args = [] if ratio is None else ["--ratio", str(ratio)]
     size = ["--nsamples", str(nsamples), "--seqlen", str(seqlen)]
     return ["prune", str(model), *ratio_args, "--calib", str(calib), *size, *map(str, rest)]
+
+
+def child_env(home) -> dict:
+    """Environment of a fresh interpreter that loads checkpoints offline, with its own HF
+    cache under `home` and no PYTHONPATH (so it cannot import this checkout's slimops)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(home),
+        HF_MODULES_CACHE=str(home / "modules"),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 import slimops
-from helpers import BLOCK_SLIMOPS, make_tiny_bert, make_tiny_model
+from helpers import BLOCK_SLIMOPS, child_env, make_tiny_bert, make_tiny_model
 from slimops import checkpoint
 from slimops.methods import slimgpt
 from slimops.models import get_adapter, remote_modeling
@@ -205,13 +204,7 @@ print(json.dumps(results))
 def run_without_slimops(cases: dict, ids: torch.Tensor, home) -> dict:
     """Load each {name: {path, auto, remote}} in a fresh interpreter that cannot import
     slimops; returns each model's class name and outputs on `ids`."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_HOME=str(home),
-        HF_MODULES_CACHE=str(home / "modules"),
-        TOKENIZERS_PARALLELISM="false",
-    )
+    env = child_env(home)
     proc = subprocess.run(
         [sys.executable, "-c", CHILD],
         env=env,

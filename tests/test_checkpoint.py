@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import slimops
-from helpers import BLOCK_SLIMOPS, input_ids, logits, make_tiny_model, random_gqa_plan
+from helpers import BLOCK_SLIMOPS, child_env, input_ids, logits, make_tiny_model, random_gqa_plan
 from slimops import checkpoint
 from slimops.models import get_adapter
 from slimops.plan import LayerPlan, PruningPlan
@@ -185,13 +185,7 @@ def child(saved, tmp_path_factory):
         "cases": {n: {"path": str(c["path"]), "remote": CASES[n][3]} for n, c in cases.items()},
     }
     home = tmp_path_factory.mktemp("child_home")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_HOME=str(home),
-        HF_MODULES_CACHE=str(home / "modules"),
-        TOKENIZERS_PARALLELISM="false",
-    )
+    env = child_env(home)
     proc = subprocess.run(
         [sys.executable, "-c", CHILD],
         input=json.dumps(spec),
