@@ -66,6 +66,7 @@ class PruningPlan:
     method: str = "slimgpt"
     target_ratio: float = 0.0
     info: dict = field(default_factory=dict)  # per-method extras (schedule, damping, ...)
+    kept_hidden: list[int] | None = None  # hidden dims kept (sheared); None: all
 
     def shapes(self) -> list[dict]:
         """Shapes of the layers the plan keeps (dropped layers are gone from the model)."""

@@ -61,8 +61,8 @@ def slice_layer(adapter, layer, lp: LayerPlan) -> None:
 
 
 def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
-    """Slice every layer of `model` in place to the plan's kept heads and channels, and
-    remove the layers it drops."""
+    """Slice every layer of `model` in place to the plan's kept heads and channels (and
+    hidden dimensions, when the plan keeps a subset), and remove the layers it drops."""
     adapter = get_adapter(model)
     layers = adapter.layers()
     if len(plan.layers) != len(layers):
@@ -72,11 +72,50 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     for layer, lp in zip(layers, plan.layers):  # check every layer before changing any
         if not lp.drop_layer:
             lp.validate(*adapter.layer_shape(layer))
+    if plan.kept_hidden is not None:
+        check_kept_hidden(plan.kept_hidden, adapter.hidden_size)
     for layer, lp in zip(layers, plan.layers):
         if not lp.drop_layer:
             slice_layer(adapter, layer, lp)
+    if plan.kept_hidden is not None:
+        slice_hidden(model, adapter, torch.as_tensor(plan.kept_hidden, dtype=torch.long))
     drop_layers(model, adapter, [i for i, lp in enumerate(plan.layers) if lp.drop_layer])
     return model
+
+
+def check_kept_hidden(kept: list[int], hidden_size: int) -> None:
+    if not kept or sorted(set(kept)) != list(kept) or kept[0] < 0 or kept[-1] >= hidden_size:
+        raise ValueError(
+            f"kept hidden dims must be a non-empty sorted unique subset of 0..{hidden_size - 1}"
+        )
+
+
+@torch.no_grad()
+def slice_hidden(model: nn.Module, adapter, kept: torch.Tensor) -> None:
+    """Keep only the hidden dimensions `kept` everywhere: the embedding's columns, every
+    hidden-wide norm, the inputs of q/k/v/gate/up, the outputs of o/down, the LM head's
+    input (re-tied to the embedding when tied) and config.hidden_size."""
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    emb.weight = nn.Parameter(emb.weight.index_select(1, kept.to(emb.weight.device)))
+    emb.embedding_dim = kept.numel()
+    norms = [adapter.final_norm()] + [
+        n for layer in adapter.layers() for n in adapter.hidden_norms(layer)
+    ]
+    for norm in norms:
+        norm.weight = nn.Parameter(norm.weight.index_select(0, kept.to(norm.weight.device)))
+    for layer in adapter.layers():
+        for role in ("q", "k", "v", "gate", "up", "o", "down"):
+            linear = adapter.linear(layer, role)
+            if linear is not None:
+                side = {"cols": kept} if role not in ("o", "down") else {"rows": kept}
+                adapter.set_linear(layer, role, slice_linear(linear, **side))
+    if tied:
+        head.weight = emb.weight
+    elif head is not None:
+        model.set_output_embeddings(slice_linear(head, cols=kept))
+    model.config.hidden_size = adapter.hidden_size = kept.numel()
 
 
 def drop_layers(model: nn.Module, adapter, indices: list[int]) -> None:

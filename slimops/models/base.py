@@ -61,6 +61,17 @@ class DecoderAdapter:
         parent, _, name = self.paths[role].rpartition(".")
         setattr(layer.get_submodule(parent) if parent else layer, name, module)
 
+    def hidden_norms(self, layer) -> list[nn.Module]:
+        """The layer's own norms over the hidden dimension (input and post-attention
+        RMSNorms; Qwen3's per-head q/k norms sit inside the attention and are not these)."""
+        return [
+            m
+            for m in layer.children()
+            if getattr(m, "weight", None) is not None
+            and m.weight.dim() == 1
+            and m.weight.numel() == self.hidden_size
+        ]
+
     def attention(self, layer) -> nn.Module:
         return layer.get_submodule(self.spec["attention"])
 
