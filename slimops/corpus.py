@@ -29,7 +29,8 @@ def find_corpus_dir() -> Path | None:
     return None
 
 
-def _is_test(relpath: str) -> bool:
+def is_test_file(relpath: str) -> bool:
+    """The file-level test split: 10% of files, by crc32 of the relative posix path."""
     return zlib.crc32(relpath.encode()) % 10 == 0
 
 
@@ -44,7 +45,7 @@ def corpus_files(split: str, root: str | os.PathLike | None = None) -> list[Path
     if not files:
         raise FileNotFoundError(f"{CORPUS_HINT} (no *.txt files under {base})")
     want_test = split == "test"
-    return [p for p in files if _is_test(p.relative_to(base).as_posix()) == want_test]
+    return [p for p in files if is_test_file(p.relative_to(base).as_posix()) == want_test]
 
 
 def read_split(split: str, root: str | os.PathLike | None = None) -> str:

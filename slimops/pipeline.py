@@ -86,14 +86,17 @@ def prune_model(
     Under torchrun (slimops.distributed) each rank calibrates on its share of `tokens`.
     progress (slimops.progress.Progress): resume a killed run, save progress per layer."""
     cfg = make_config(method, ratio, schedule, device, **options)  # bad options fail here
-    tokens, split = distributed.shard(tokens)
-    if distributed.world()[1] > 1:
-        print(split, file=sys.stderr, flush=True)
+    chosen = get_method(method)
+    if chosen.trains:  # training splits each step's batch over the ranks itself
+        split = f"world size {distributed.world()[1]}: every rank draws the same batches"
+    else:
+        tokens, split = distributed.shard(tokens)
+        if distributed.world()[1] > 1:
+            print(split, file=sys.stderr, flush=True)
     adapter = get_adapter(model)
     before = (adapter.decoder_params(), adapter.total_params())
     reset_peak_memory(device)
     start = time.perf_counter()
-    chosen = get_method(method)
     if progress is not None and not chosen.resumable:
         resumable = [n for n, m in METHODS.items() if m.resumable]
         raise ValueError(f"--resume is implemented for {', '.join(resumable)} only, not {method}")

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple
 
-from . import flap, magnitude, search, slimgpt, taylor, wanda_sp
+from . import flap, magnitude, search, sheared, slimgpt, taylor, wanda_sp
 
 
 class Method(NamedTuple):
@@ -21,6 +21,7 @@ class Method(NamedTuple):
     prune: Callable  # prune(model, tokens, cfg, adapter=None) -> PruningPlan
     summary: str  # one line for --help
     resumable: bool = False  # prune also takes progress= (slimops.progress, --resume)
+    trains: bool = False  # trains on the calibration windows: every rank needs all of them
 
     @property
     def default_schedule(self):
@@ -45,6 +46,9 @@ METHODS: dict[str, Method] = {
     "flap": Method(flap.FlapConfig, flap.prune, "FLAP: fluctuation, global threshold, bias"),
     "taylor": Method(taylor.TaylorConfig, taylor.prune, "first-order |w * dL/dw| (LLM-Pruner)"),
     "search": Method(search.SearchConfig, search.prune, "Search-LLM: evolution + reformation"),
+    "sheared": Method(
+        sheared.ShearedConfig, sheared.prune, "Sheared-LLaMA: learned masks", trains=True
+    ),
 }
 
 

@@ -1,0 +1,264 @@
+"""The one training loop: Sheared-LLaMA's pruning stage and continued pretraining both run it.
+
+An objective is an nn.Module whose forward(ids, step) returns (loss, metrics) for a training
+batch and, with step=None, the per-sequence loss of an eval batch (eval goes through forward
+so FSDP's hooks gather the weights). It names its AdamW parameter groups (a group may set
+`maximize`: the Lagrange multipliers are trained by gradient ascent) and may clamp after a
+step. Every group's learning rate follows one schedule: linear warm-up, then cosine to
+min_lr_ratio of the peak (the official code's schedule).
+
+Distributed: under torchrun the objective is wrapped in DDP (or FSDP2's fully_shard with
+--fsdp, each decoder layer its own unit); every rank draws the same global batch (a pure
+function of seed, step and the domain weights, slimops.domains) and trains on its
+contiguous share, so gradients average to the single-process ones. Evaluation runs on every
+rank over the whole validation set: every rank updates the domain weights identically.
+
+Resume: every save_interval steps rank 0 writes model, optimizer, step, domain weights and
+the log to state_dir/train_state.pt (temp file + rename). A killed run restarted with the
+same settings continues at the saved step and draws the same batches and the same mask
+noise, so it ends where an unbroken run ends.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import distributed
+from .domains import Domain, Mixture, draw_batch
+
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # sequences per step over all ranks
+    lr: float = 1e-4  # peak learning rate of the weights
+    warmup_steps: int = 0  # learning-rate warm-up
+    min_lr_ratio: float = 0.1  # cosine floor, as a share of the peak
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_interval: int = 50  # evaluate (and update dynamic domain weights) every N steps
+    save_interval: int = 0  # write resumable state every N steps (0: at every eval)
+    seed: int = 0
+    fsdp: bool = False
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size < 1 or self.eval_interval < 1:
+            raise ValueError("steps must be >= 0, batch_size and eval_interval >= 1")
+        world = distributed.world()[1]
+        if self.batch_size % world:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by world size {world}")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+class LMObjective(nn.Module):
+    """Plain next-token cross-entropy (continued pretraining)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, step: int | None = None):
+        logits = self.model(ids).logits
+        if step is None:
+            return sequence_losses(logits, ids)
+        loss = token_loss(logits, ids)
+        return loss, {}
+
+    def param_groups(self, cfg: TrainConfig) -> list[dict]:
+        return [{"params": list(self.model.parameters()), "lr": cfg.lr}]
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def shard_units(self) -> list[nn.Module]:
+        from .models import get_adapter
+
+        return list(get_adapter(self.model).layers())
+
+
+def token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device)
+    )
+
+
+def sequence_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    per_token = nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), ids[:, 1:].to(logits.device), reduction="none"
+    )
+    return per_token.mean(1)
+
+
+@torch.no_grad()
+def domain_losses(module, domains: list[Domain], batch_size: int, device) -> torch.Tensor:
+    """Mean next-token loss of each domain's validation windows (float64, CPU)."""
+    out = []
+    for d in domains:
+        losses = [module(w.to(device), None) for w in d.valid.split(batch_size)]
+        out.append(torch.cat(losses).double().mean().cpu())
+    return torch.stack(out)
+
+
+def _wrap(objective: nn.Module, cfg: TrainConfig, device) -> nn.Module:
+    if distributed.world()[1] == 1:
+        return objective
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in objective.shard_units():
+            fully_shard(unit)
+        return fully_shard(objective)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.device(device).index] if torch.device(device).type == "cuda" else None
+    return DistributedDataParallel(objective, device_ids=ids)
+
+
+def _state_dicts(wrapped, optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state, keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(wrapped, optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def _load_state(wrapped, optimizer, model_sd: dict, optim_sd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    opts = StateDictOptions(full_state_dict=True)
+    set_state_dict(
+        wrapped, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts
+    )
+
+
+def _save(path: Path, record: dict) -> None:
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(record, tmp)
+        os.replace(tmp, path)
+    distributed.barrier()
+
+
+def train(
+    objective: nn.Module,
+    domains: list[Domain],
+    mixture: Mixture,
+    cfg: TrainConfig,
+    device="cpu",
+    state_dir: str | os.PathLike | None = None,
+    desc: str = "train",
+    stop_after: int | None = None,
+) -> tuple[nn.Module, dict]:
+    """Train `objective` for cfg.steps steps on batches drawn from `domains` by `mixture`.
+    Returns the trained objective (unsharded) and the log. stop_after (tests): stop after
+    that step as a killed run would, without the final evaluation."""
+    rank, world = distributed.world()
+    shadow = copy.deepcopy(objective).to("meta") if cfg.fsdp and world > 1 else None
+    objective.to(device)
+    wrapped = _wrap(objective, cfg, device)
+    groups = objective.param_groups(cfg)
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    log = {"config": asdict(cfg), "world_size": world, "steps": [], "wall_s": 0.0}
+    state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
+    start = _resume(state_path, wrapped, optimizer, mixture, log)
+    local = cfg.batch_size // world
+    if distributed.is_main():
+        print(
+            f"{desc}: world size {world}, {local} of {cfg.batch_size} sequences per rank per step"
+            + (f", resuming at step {start}" if start else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+    bar = tqdm(range(start, cfg.steps), desc=desc, unit="step", disable=not distributed.is_main())
+    for step in bar:
+        if step % cfg.eval_interval == 0:
+            mixture.update(step, domain_losses(wrapped, domains, local, device))
+        tic = time.perf_counter()
+        ids, _ = draw_batch(domains, mixture.weights, cfg.batch_size, cfg.seed, step)
+        ids = ids[rank * local : (rank + 1) * local].to(device)
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * lr_factor(step, cfg)
+        loss, metrics = wrapped(ids, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            clipped = [
+                p for g in optimizer.param_groups if not g.get("maximize") for p in g["params"]
+            ]
+            torch.nn.utils.clip_grad_norm_(clipped, cfg.grad_clip)
+        optimizer.step()
+        objective.after_step(step)
+        record = _record(step, loss, metrics, ids.numel() * world, time.perf_counter() - tic)
+        log["steps"].append(record)
+        log["wall_s"] += record["seconds"]
+        bar.set_postfix(
+            {k: v for k, v in record.items() if k in ("loss", "tokens_per_s", *metrics)}
+        )
+        if state_path is not None and _due(step, cfg):
+            _save_state(state_path, wrapped, optimizer, mixture, log, step + 1)
+        if stop_after is not None and step + 1 >= stop_after:
+            return objective, log
+    mixture.update(cfg.steps, domain_losses(wrapped, domains, local, device))
+    log["mixture"] = mixture.history
+    if shadow is not None:  # FSDP: gather the full weights into an unsharded copy
+        shadow.to_empty(device=device)
+        shadow.load_state_dict(_state_dicts(wrapped, optimizer)[0])
+        objective = shadow
+    return objective, log
+
+
+def _due(step: int, cfg: TrainConfig) -> bool:
+    every = cfg.save_interval or cfg.eval_interval
+    return (step + 1) % every == 0 or step + 1 == cfg.steps
+
+
+def _record(step, loss, metrics, tokens, seconds) -> dict:
+    loss = distributed.all_sum_float(float(loss.detach())) / distributed.world()[1]
+    return {
+        "step": step,
+        "loss": round(loss, 5),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "seconds": seconds,
+        **metrics,
+    }
+
+
+def _save_state(path, wrapped, optimizer, mixture, log, next_step) -> None:
+    model_sd, optim_sd = _state_dicts(wrapped, optimizer)
+    record = {"step": next_step, "model": model_sd, "optim": optim_sd}
+    _save(path, record | {"mixture": mixture.state_dict(), "log": json.dumps(log)})
+
+
+def _resume(path, wrapped, optimizer, mixture, log) -> int:
+    if path is None or not path.is_file():
+        return 0
+    state = torch.load(path, weights_only=False)
+    _load_state(wrapped, optimizer, state["model"], state["optim"])
+    mixture.load_state_dict(state["mixture"])
+    saved = json.loads(state["log"])
+    if saved["config"] != log["config"] or saved["world_size"] != log["world_size"]:
+        raise ValueError(f"{path} is from a run with other settings ({saved['config']}); delete it")
+    log.update(saved)
+    return state["step"]
