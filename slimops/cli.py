@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from .cli_train import add_train_parser, cmd_train
 from .methods import METHODS
 
 USER_ERRORS = (
@@ -483,11 +484,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval(sub)
     _add_bench(sub)
     _add_demo(sub)
+    add_train_parser(sub)
     args = parser.parse_args(argv)
+    commands = {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo}
     try:
-        {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo}[args.command](
-            args
-        )
+        {**commands, "train": cmd_train}[args.command](args)
     except USER_ERRORS as err:
         print(f"slimops {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,8 @@ import contextlib
 import importlib
 import os
 import random
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -424,3 +426,59 @@ def child_env(home) -> dict:
         TOKENIZERS_PARALLELISM="false",
     )
     return env
+
+
+# --- torchrun -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], nproc: int = 2, **kw) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, **kw)
+
+
+# --- sheared ---------------------------------------------------------------------------------
+
+
+def tiny_domains():
+    """Three domains of random token windows (12 train, 2 validation, 16 tokens each)."""
+    from slimops.domains import Domain
+
+    g = torch.Generator().manual_seed(0)
+    return [
+        Domain(
+            n,
+            torch.randint(0, 256, (12, 16), generator=g),
+            torch.randint(0, 256, (2, 16), generator=g),
+        )
+        for n in ("a", "b", "c")
+    ]
+
+
+def tiny_shear(state_dir=None, stop_after=None, steps: int = 6, fsdp: bool = False, save: int = 2):
+    """The sheared pruning stage on a tiny LLaMA with dynamic batch loading over
+    tiny_domains(): (model, plan, log, mixture)."""
+    from slimops.domains import Mixture
+    from slimops.methods.sheared import ShearedConfig, shear
+    from slimops.trainer import TrainConfig
+
+    model = make_tiny_model("llama", layers=2, perturb=True)
+    doms = tiny_domains()
+    mix = Mixture.make(doms, reference=torch.full((3,), 4.0, dtype=torch.float64), dynamic=True)
+    cfg = ShearedConfig(target="hidden=48,heads=2,kv_heads=1,ffn=96", prune_steps=steps)
+    train_cfg = TrainConfig(steps, 4, 1e-3, eval_interval=2, save_interval=save, fsdp=fsdp)
+    model, plan, log = shear(model, doms, mix, cfg, train_cfg, state_dir, stop_after)
+    return model, plan, log, mix

@@ -3,15 +3,13 @@ the same weights (within 1e-5) as one process with all the samples, for every da
 method; the CLI says how the samples are split and rank 0 alone writes the checkpoint."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, SAMPLE_TEXT, prune_argv
+from helpers import ROOT, SAMPLE_TEXT, prune_argv, torchrun
 
 METHODS = ("slimgpt", "wanda-sp", "flap", "taylor")
 SCRIPT = """
@@ -31,25 +29,6 @@ for method in {methods!r}:
 if distributed.is_main():
     torch.save(results, {out!r})
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(args: list[str], nproc: int = 2, **kw) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,234 @@
+"""Domains, dynamic batch loading, the training loop's resume, torchrun (DDP and FSDP on 2
+gloo processes) against one process, and `slimops train` end to end."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import ROOT, SAMPLE_TEXT, tiny_shear, torchrun
+from slimops import corpus
+from slimops import domains as D
+from slimops.cli import main
+from slimops.trainer import TrainConfig, lr_factor
+
+# ---- the mixture -------------------------------------------------------------------------
+
+
+def test_dynamic_weights_follow_the_paper():
+    mix = D.Mixture(
+        ["a", "b"],
+        torch.tensor([0.5, 0.5], dtype=torch.float64),
+        reference=torch.tensor([1.0, 1.0]),
+        dynamic=True,
+        smoothing=0.1,
+    )
+    mix.update(0, torch.tensor([2.0, 0.5]))  # excess [1, -0.5] clipped to [1, 0]
+    w = torch.tensor([math.e, 1.0]) / (math.e + 1)
+    torch.testing.assert_close(mix.weights.float(), 0.9 * w + 0.05)
+    assert mix.history[0]["excess"] == [1.0, 0.0]
+    unclipped = D.Mixture(
+        ["a", "b"],
+        torch.tensor([0.5, 0.5], dtype=torch.float64),
+        reference=torch.tensor([1.0, 1.0]),
+        dynamic=True,
+        clip=False,
+        smoothing=0.0,
+    )
+    unclipped.update(0, torch.tensor([2.0, 0.5]))
+    w = torch.tensor([math.e, math.exp(-0.5)]) / (math.e + math.exp(-0.5))
+    torch.testing.assert_close(unclipped.weights.float(), w)
+
+
+def test_static_weights_stay_and_dynamic_needs_references():
+    mix = D.Mixture(["a", "b"], torch.tensor([0.25, 0.75], dtype=torch.float64))
+    mix.update(0, torch.tensor([3.0, 1.0]))
+    assert mix.weights.tolist() == [0.25, 0.75] and mix.history[0]["losses"] == [3.0, 1.0]
+    with pytest.raises(ValueError, match="reference losses"):
+        D.Mixture(["a"], torch.ones(1, dtype=torch.float64), dynamic=True).update(0, torch.ones(1))
+
+
+def test_batches_are_a_pure_function_and_follow_the_weights():
+    doms = [D.Domain(n, torch.full((50, 4), i), torch.zeros(1, 4)) for i, n in enumerate("ab")]
+    w = torch.tensor([0.9, 0.1], dtype=torch.float64)
+    ids, which = D.draw_batch(doms, w, 2000, seed=3, step=7)
+    again, _ = D.draw_batch(doms, w, 2000, seed=3, step=7)
+    assert torch.equal(ids, again) and not torch.equal(ids, D.draw_batch(doms, w, 2000, 3, 8)[0])
+    assert torch.equal(ids[:, 0], which)  # every row comes from its drawn domain
+    assert abs(which.float().mean().item() - 0.1) < 0.03
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0) and lr_factor(100, cfg) == pytest.approx(0.1)
+
+
+# ---- domains -----------------------------------------------------------------------------
+
+
+def write_domains(root, names=("alpha", "beta"), files=12):
+    for k, name in enumerate(names):
+        for i in range(files):
+            (root / name).mkdir(parents=True, exist_ok=True)
+            (root / name / f"doc{i}.txt").write_text(f"{name} {i} " + SAMPLE_TEXT[k * 7 :])
+    return root
+
+
+def test_domain_specs(tmp_path, tiny_tokenizer):
+    root = write_domains(tmp_path / "src")
+    assert list(D.parse_domains(str(root))) == ["alpha", "beta"]
+    assert list(D.parse_domains(f"x={root / 'beta'}")) == ["x"]
+    for spec, err in (
+        ("x", FileNotFoundError),
+        (f"a={root / 'alpha'},a={root / 'beta'}", ValueError),
+        ("a=", ValueError),
+        (f"a={tmp_path / 'nope'}", FileNotFoundError),
+    ):
+        with pytest.raises(err):
+            D.parse_domains(spec)
+    doms = D.load_domains(str(root), tiny_tokenizer, seqlen=16, valid_windows=2)
+    assert [d.name for d in doms] == ["alpha", "beta"] and doms[0].valid.shape == (2, 16)
+    with pytest.raises(ValueError, match="needs at least"):
+        D.load_domains(f"a={root / 'alpha'}", tiny_tokenizer, seqlen=16, valid_windows=10**6)
+
+
+@pytest.mark.skipif(corpus.find_corpus_dir() is None, reason="python3-doc not installed")
+def test_domain_split_is_the_corpus_split():
+    root = corpus.find_corpus_dir()
+    test_files = {p.relative_to(root).as_posix() for p in corpus.corpus_files("test")}
+    seen = 0
+    for name in ("tutorial", "howto", "c-api", "reference"):
+        text = D.domain_text(root / name, "test")
+        chosen = [f for f in sorted(test_files) if f.startswith(name + "/")]
+        assert text == "\n\n".join((root / f).read_text(errors="replace") for f in chosen)
+        seen += len(chosen)
+    assert seen > 0
+
+
+# ---- the training loop: resume -----------------------------------------------------------
+
+
+def test_a_killed_run_resumes_to_the_unbroken_result(tmp_path):
+    model, plan, log, mix = tiny_shear()
+    _, none, _, _ = tiny_shear(tmp_path / "state", stop_after=3)  # dies after step 2, saved at 2
+    assert none is None and (tmp_path / "state" / "train_state.pt").is_file()
+    resumed, plan2, log2, mix2 = tiny_shear(tmp_path / "state")
+    assert plan2.layers == plan.layers and plan2.kept_hidden == plan.kept_hidden
+    for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert mix2.weights.tolist() == mix.weights.tolist()
+    assert [s["loss"] for s in log2["steps"]] == [s["loss"] for s in log["steps"]]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    tiny_shear(tmp_path / "state", stop_after=2)
+    with pytest.raises(ValueError, match="other settings"):
+        tiny_shear(tmp_path / "state", steps=8)
+
+
+# ---- torchrun: DDP and FSDP on 2 gloo processes equal one process --------------------------
+
+SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from helpers import tiny_shear
+from slimops import distributed
+distributed.init_from_env()
+out = {{}}
+for fsdp in {modes!r}:
+    model, plan, log, _ = tiny_shear(steps=4, fsdp=fsdp, save=0)
+    out[fsdp] = {{"state": model.state_dict(), "plan": ([vars(lp) for lp in plan.layers], plan.kept_hidden),
+                 "losses": [s["loss"] for s in log["steps"]]}}
+if distributed.is_main():
+    torch.save(out, {path!r})
+"""
+
+
+def test_two_processes_equal_one(tmp_path):
+    results = {}
+    for name, launch in (("one", False), ("two", True)):
+        script = tmp_path / f"{name}.py"
+        path = tmp_path / f"{name}.pt"
+        modes = (False,) if not launch else (False, True)
+        script.write_text(SCRIPT.format(tests=str(ROOT / "tests"), modes=modes, path=str(path)))
+        if launch:
+            proc = torchrun([str(script)])
+        else:
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            cmd = [sys.executable, str(script)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = torch.load(path, weights_only=False)
+        if launch:
+            assert "world size 2, 2 of 4 sequences per rank" in proc.stderr
+    one = results["one"][False]
+    for mode in (False, True):  # DDP, FSDP
+        two = results["two"][mode]
+        assert two["plan"] == one["plan"], mode
+        for k, v in one["state"].items():
+            torch.testing.assert_close(two["state"][k], v, atol=1e-4, rtol=1e-4, msg=f"{mode} {k}")
+        assert two["losses"] == pytest.approx(one["losses"], abs=1e-4)
+
+
+# ---- the command line ----------------------------------------------------------------------
+
+
+def test_slimops_train_end_to_end(saved_tiny_model, tmp_path, capsys):
+    root = write_domains(tmp_path / "domains")
+    out = tmp_path / "out"
+    argv = [
+        "train",
+        str(saved_tiny_model),
+        "--domains",
+        str(root),
+        "--out",
+        str(out),
+        "--target",
+        "hidden=48,heads=2,kv_heads=1,ffn=96",
+        "--prune-steps",
+        "4",
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--seqlen",
+        "16",
+        "--eval-interval",
+        "2",
+        "--valid-windows",
+        "2",
+        "--resume",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "validation loss" in printed.out and "world size 1" in printed.err
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden_size"] == 48 and config["intermediate_size"] == 96
+    assert "auto_map" not in config
+    log = json.loads((out / "slimops_train_log.json").read_text())
+    assert len(log["shear"]["steps"]) == 4 and len(log["cpt"]["steps"]) == 4
+    assert len(log["cpt"]["mixture"]) == 3 and log["reference_losses"] is not None
+    assert (out / "domain_weights.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "out.progress").exists()  # done: the progress folder is removed
+    AutoModelForCausalLM.from_pretrained(out)
+    assert main(argv) == 2  # --out is taken now
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_slimops_train_rejects_bad_input(saved_tiny_model, tmp_path, capsys):
+    root = write_domains(tmp_path / "domains")
+    base = ["train", str(saved_tiny_model), "--out", str(tmp_path / "o")]
+    for extra, msg in (
+        (["--domains", str(tmp_path / "nope")], "neither name=path"),
+        (["--domains", str(root), "--target", "hidden=9999"], "must be in"),
+        (["--domains", str(root), "--ref-losses", "alpha=1"], "differ from the domains"),
+        (["--domains", str(root), "--batch-size", "0"], "batch_size"),
+    ):
+        assert main(base + extra + ["--seqlen", "16", "--valid-windows", "2"]) == 2
+        assert msg in capsys.readouterr().err
