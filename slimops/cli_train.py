@@ -128,7 +128,7 @@ def _configs(args):
 
 def _check_target(config, shear_cfg) -> None:
     """--target against the model's config, before any weights are read."""
-    from .methods.sheared import parse_target
+    from .methods.sheared import check_config_accepts, parse_target
     from .methods.sheared_masks import Shape
 
     if shear_cfg is None or not shear_cfg.target:
@@ -141,7 +141,7 @@ def _check_target(config, shear_cfg) -> None:
         getattr(config, "num_key_value_heads", None) or heads,
         config.intermediate_size,
     )
-    parse_target(shear_cfg.target, source)
+    check_config_accepts(config, parse_target(shear_cfg.target, source))
 
 
 def cmd_train(args) -> None:

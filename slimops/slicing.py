@@ -79,6 +79,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
             slice_layer(adapter, layer, lp)
     if plan.kept_hidden is not None:
         slice_hidden(model, adapter, torch.as_tensor(plan.kept_hidden, dtype=torch.long))
+        set_uniform_config(model, adapter, plan)
     drop_layers(model, adapter, [i for i, lp in enumerate(plan.layers) if lp.drop_layer])
     return model
 
@@ -116,6 +117,16 @@ def slice_hidden(model: nn.Module, adapter, kept: torch.Tensor) -> None:
     elif head is not None:
         model.set_output_embeddings(slice_linear(head, cols=kept))
     model.config.hidden_size = adapter.hidden_size = kept.numel()
+
+
+def set_uniform_config(model: nn.Module, adapter, plan: PruningPlan) -> None:
+    """A plan that also narrows the hidden size (sheared) is one uniform shape: the config's
+    global widths say it (the stock config validates hidden against the head count)."""
+    shapes = plan.shapes()
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError("a plan that slices the hidden dimension must give every layer one shape")
+    for key, value in shapes[0].items():
+        setattr(model.config, key, value)
 
 
 def drop_layers(model: nn.Module, adapter, indices: list[int]) -> None:

@@ -38,6 +38,8 @@ from . import distributed
 from .domains import Domain, Mixture, draw_batch
 
 STATE_FILE = "train_state.pt"
+# What the progress bar shows; the JSON log keeps every metric of every step.
+_SHOWN = ("loss", "tokens_per_s", "ce", "kl", "size_vs_target", "lambda_1")
 
 
 @dataclass
@@ -213,9 +215,7 @@ def train(
         record = _record(step, loss, metrics, ids.numel() * world, time.perf_counter() - tic)
         log["steps"].append(record)
         log["wall_s"] += record["seconds"]
-        bar.set_postfix(
-            {k: v for k, v in record.items() if k in ("loss", "tokens_per_s", *metrics)}
-        )
+        bar.set_postfix({k: v for k, v in record.items() if k in _SHOWN})
         if state_path is not None and _due(step, cfg):
             _save_state(state_path, wrapped, optimizer, mixture, log, step + 1)
         if stop_after is not None and step + 1 >= stop_after:

@@ -454,18 +454,17 @@ def torchrun(args: list[str], nproc: int = 2, **kw) -> subprocess.CompletedProce
 
 
 def tiny_domains():
-    """Three domains of random token windows (12 train, 2 validation, 16 tokens each)."""
+    """Three domains of 16-token windows (12 train, 2 validation): arithmetic sequences
+    mod 32 of stride 1, 2, 3 from random starts, so a tiny model can learn them."""
     from slimops.domains import Domain
 
     g = torch.Generator().manual_seed(0)
-    return [
-        Domain(
-            n,
-            torch.randint(0, 256, (12, 16), generator=g),
-            torch.randint(0, 256, (2, 16), generator=g),
-        )
-        for n in ("a", "b", "c")
-    ]
+
+    def windows(n, stride):  # learnable: each domain counts up by its own stride, mod 32
+        start = torch.randint(0, 32, (n, 1), generator=g)
+        return (start + stride * torch.arange(16)) % 32
+
+    return [Domain(name, windows(12, k + 1), windows(2, k + 1)) for k, name in enumerate("abc")]
 
 
 def tiny_shear(state_dir=None, stop_after=None, steps: int = 6, fsdp: bool = False, save: int = 2):

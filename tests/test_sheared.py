@@ -212,3 +212,13 @@ def test_prune_model_sheared_gives_the_target_and_reloads_stock(family, tmp_path
     ids = torch.randint(0, 256, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_a_target_the_family_config_refuses_fails_before_training():
+    model = make_tiny_model("llama", layers=2)
+    geo = Geometry.of(get_adapter(model))
+    cfg = ShearedConfig(target="hidden=50,heads=4")  # LlamaConfig: 50 % 4 != 0
+    with pytest.raises(ValueError, match="LlamaConfig refuses"):
+        resolve_target(cfg, geo, model.config)
+    qwen = make_tiny_model("qwen2", layers=2)  # Qwen2Config accepts it
+    assert resolve_target(cfg, Geometry.of(get_adapter(qwen)), qwen.config).hidden == 50

@@ -11,7 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import ROOT, SAMPLE_TEXT, tiny_shear, torchrun
+from helpers import (
+    ROOT,
+    SAMPLE_TEXT,
+    make_tiny_model,
+    prune_argv,
+    tiny_domains,
+    tiny_shear,
+    torchrun,
+)
 from slimops import corpus
 from slimops import domains as D
 from slimops.cli import main
@@ -143,7 +151,8 @@ distributed.init_from_env()
 out = {{}}
 for fsdp in {modes!r}:
     model, plan, log, _ = tiny_shear(steps=4, fsdp=fsdp, save=0)
-    out[fsdp] = {{"state": model.state_dict(), "plan": ([vars(lp) for lp in plan.layers], plan.kept_hidden),
+    layers = [vars(lp) for lp in plan.layers]
+    out[fsdp] = {{"state": model.state_dict(), "plan": (layers, plan.kept_hidden),
                  "losses": [s["loss"] for s in log["steps"]]}}
 if distributed.is_main():
     torch.save(out, {path!r})
@@ -232,3 +241,88 @@ def test_slimops_train_rejects_bad_input(saved_tiny_model, tmp_path, capsys):
     ):
         assert main(base + extra + ["--seqlen", "16", "--valid-windows", "2"]) == 2
         assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_both_stages_through_the_api(family):
+    """Prune to the target shape, slice, continue pretraining: the loss goes down in the
+    second stage and the model keeps the target shape."""
+    from slimops.methods.sheared import ShearedConfig
+    from slimops.models import get_adapter
+    from slimops.train import MixtureOptions, shear_and_train
+    from slimops.trainer import TrainConfig
+
+    model = make_tiny_model(family, layers=2, perturb=True)
+    doms = tiny_domains()
+    cfg = ShearedConfig(target="hidden=48,heads=2,kv_heads=1,ffn=96", prune_steps=3)
+    cpt = TrainConfig(steps=24, batch_size=4, lr=3e-3, eval_interval=12)
+    model, plan, log = shear_and_train(model, doms, cfg, cpt, MixtureOptions(init="tokens"))
+    adapter = get_adapter(model)
+    assert model.config.hidden_size == 48 and plan.kept_hidden is not None
+    assert {adapter.layer_shape(layer) for layer in adapter.layers()} == {(2, 1, 96)}
+    evals = log["cpt"]["mixture"]
+    assert len(evals) == 3 and sum(evals[-1]["losses"]) < sum(evals[0]["losses"])
+    assert abs(sum(evals[-1]["weights"]) - 1) < 1e-9
+
+
+def test_prune_method_sheared_from_the_cli(saved_tiny_model, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT * 20)
+    out = tmp_path / "pruned"
+    argv = prune_argv(
+        saved_tiny_model,
+        text,
+        0.5,
+        8,
+        32,
+        "--method",
+        "sheared",
+        "--prune-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--out",
+        out,
+    )
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in config and config["hidden_size"] < 64
+    plan = json.loads((out / "slimops_plan.json").read_text())
+    assert plan["method"] == "sheared" and len(plan["kept_hidden"]) == config["hidden_size"]
+    assert main(argv[:-2] + ["--target", "hidden=80", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_slimops_train_under_torchrun(saved_tiny_model, tmp_path):
+    root = write_domains(tmp_path / "domains")
+    out = tmp_path / "out"
+    proc = torchrun(
+        [
+            "-m",
+            "slimops.cli",
+            "train",
+            str(saved_tiny_model),
+            "--domains",
+            str(root),
+            "--out",
+            str(out),
+            "--target",
+            "hidden=48,heads=2,kv_heads=1",
+            "--prune-steps",
+            "2",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--seqlen",
+            "16",
+            "--valid-windows",
+            "2",
+            "--eval-interval",
+            "2",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "shear: world size 2, 2 of 4 sequences per rank per step" in proc.stderr
+    assert "train: world size 2, 2 of 4 sequences per rank per step" in proc.stderr
+    assert proc.stdout.count("saved to") == 1  # rank 0 alone writes
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 48

@@ -126,10 +126,30 @@ def shape_for_ratio(ratio: float, geometry: Geometry) -> Shape:
     return best[1]
 
 
-def resolve_target(cfg: ShearedConfig, geometry: Geometry) -> Shape:
-    if cfg.target:
-        return parse_target(cfg.target, geometry.shape)
-    return shape_for_ratio(cfg.ratio, geometry)
+def resolve_target(cfg: ShearedConfig, geometry: Geometry, config=None) -> Shape:
+    """The target shape; with the model's `config`, also checked against the family's
+    config validators (the pruned model must save as a stock checkpoint)."""
+    shape = parse_target(cfg.target, geometry.shape) if cfg.target else None
+    shape = shape or shape_for_ratio(cfg.ratio, geometry)
+    if config is not None:
+        check_config_accepts(config, shape)
+    return shape
+
+
+def check_config_accepts(config, shape: Shape) -> None:
+    """ValueError when the family's config class refuses the target (LlamaConfig: hidden
+    must be a multiple of the query heads, even with an explicit head_dim)."""
+    values = {key: getattr(shape, field) for field, key in _TARGET_KEYS.values()}
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list):  # per-layer lists shrink with the layers (Qwen2/3)
+        values["layer_types"] = types[: shape.layers]
+    try:
+        type(config).from_dict({**config.to_dict(), **values})
+    except Exception as err:  # noqa: BLE001  (strict-dataclass validators raise several types)
+        cause = getattr(err, "__cause__", None) or err
+        raise ValueError(
+            f"target {vars(shape)}: {type(config).__name__} refuses it ({cause})"
+        ) from None
 
 
 # ---- the pruning-stage objective ---------------------------------------------------------
@@ -163,6 +183,9 @@ class ShearingObjective(nn.Module):
             metrics["kl"] = _num(kl)
         expected = float(self.masks.expected_size(p).detach())
         metrics["size_vs_target"] = round(expected / self.target_params, 4)
+        lambdas = {name: lam.detach().tolist() for name, lam in self.masks.lambdas.items()}
+        metrics["lambda_1"] = round(sum(v[0] for v in lambdas.values()), 3)  # the bar's summary
+        metrics["lambdas"] = {name: [round(x, 4) for x in v] for name, v in lambdas.items()}
         return loss, metrics
 
     def param_groups(self, cfg: TrainConfig) -> list[dict]:
@@ -232,7 +255,7 @@ def shear(
     adapter = get_adapter(model)
     check_family(adapter)
     geometry = Geometry.of(adapter)
-    target = resolve_target(cfg, geometry)
+    target = resolve_target(cfg, geometry, model.config)  # refused shapes fail before training
     masks = ShearedMasks(geometry, cfg.droprate_init, cfg.seed)
     teacher = None
     if cfg.distill > 0:
