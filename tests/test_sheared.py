@@ -222,3 +222,24 @@ def test_a_target_the_family_config_refuses_fails_before_training():
         resolve_target(cfg, geo, model.config)
     qwen = make_tiny_model("qwen2", layers=2)  # Qwen2Config accepts it
     assert resolve_target(cfg, Geometry.of(get_adapter(qwen)), qwen.config).hidden == 50
+
+
+def test_saliency_init_orders_gates_by_saliency():
+    from slimops.methods.saliency import dense_pass
+    from slimops.methods.sheared import saliency_init
+
+    model = make_tiny_model("llama", layers=2, perturb=True)
+    adapter = get_adapter(model)
+    tokens = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    masks = ShearedMasks(Geometry.of(adapter), droprate_init=0.01)
+    start = masks.gates["hidden"].log_alpha.detach().clone()
+    saliency_init(masks, model, adapter, tokens, ShearedConfig(init="saliency"))
+    stats, _ = dense_pass(model, adapter, tokens, 0.01, 16)
+    for i, st in enumerate(stats):
+        for family, scores in (("head", st.space.head_scores), ("ffn", st.space.channel_scores)):
+            la = masks.gates[family].log_alpha[i].detach()
+            assert la.argsort().tolist() == torch.tensor(scores).argsort().tolist(), family
+            assert la.max() - la.min() == pytest.approx(2.0, abs=0.05)
+    assert torch.equal(masks.gates["hidden"].log_alpha.detach(), start)  # hidden: droprate
+    with pytest.raises(ValueError, match="init must be"):
+        ShearedConfig(init="magic")

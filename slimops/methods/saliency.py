@@ -113,6 +113,7 @@ def dense_pass(
     tokens: torch.Tensor,
     percdamp: float,
     context: int,
+    desc: str = "search: saliency",
     **driver,
 ) -> tuple[list[LayerStats], dict]:
     """LayerStats of every layer from one sequential pass over the DENSE model (nothing is
@@ -125,7 +126,7 @@ def dense_pass(
         adapter,
         tokens,
         lambda w: stats.append(layer_stats(w, percdamp, attn_macs)),
-        desc="search: saliency",
+        desc=desc,
         **driver,
     )
     return stats, timer.seconds

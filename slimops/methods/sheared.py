@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -70,6 +71,13 @@ class ShearedConfig(PruneConfig):
         default=0.2, metadata={"help": "share of the steps over which the target is ramped in"}
     )
     droprate_init: float = field(default=0.01, metadata={"help": "initial P(gate = 0)"})
+    init: str = field(
+        default="droprate",
+        metadata={
+            "help": "droprate (every gate starts at droprate_init) | saliency (head, KV group "
+            "and FFN gates start ranked by second-order saliency, search's Phi)"
+        },
+    )
     distill: float = field(
         default=0.0, metadata={"help": "weight of a KL term to the dense model (0: CE only)"}
     )
@@ -81,6 +89,8 @@ class ShearedConfig(PruneConfig):
             raise ValueError(f"prune_steps {self.prune_steps} must be >= 1")
         if not 0.0 <= self.target_warmup <= 1.0 or self.distill < 0:
             raise ValueError("target_warmup must be in [0, 1] and distill >= 0")
+        if self.init not in ("droprate", "saliency"):
+            raise ValueError(f"init must be droprate or saliency, got {self.init!r}")
 
 
 # ---- target shapes ----------------------------------------------------------------------
@@ -257,6 +267,8 @@ def shear(
     geometry = Geometry.of(adapter)
     target = resolve_target(cfg, geometry, model.config)  # refused shapes fail before training
     masks = ShearedMasks(geometry, cfg.droprate_init, cfg.seed)
+    if cfg.init == "saliency":
+        saliency_init(masks, model, adapter, torch.cat([d.train[:8] for d in domains]), cfg)
     teacher = None
     if cfg.distill > 0:
         teacher = copy.deepcopy(model).eval().requires_grad_(False).to(cfg.device)
@@ -282,6 +294,35 @@ def shear(
         "prune_wall_s": log["wall_s"],
     }
     return model, plan, log
+
+
+SALIENCY_SPREAD = 2.0  # log_alpha range of a family's ranks: all gates start nearly open
+
+
+@torch.no_grad()
+def saliency_init(masks: ShearedMasks, model, adapter, tokens: torch.Tensor, cfg) -> None:
+    """Start each layer's head, KV-group and FFN gates ranked by saliency (one dense pass,
+    saliency.py): log_alpha = start - SPREAD * (1 - rank quantile), so the least salient unit
+    starts at start - 2 (P(z != 0) still ~0.985) and the Lagrangian, which pushes every gate
+    of a family alike, closes the least salient first. Hidden and layer gates keep the
+    droprate start (no per-dimension saliency here). Replaces the start's tie-breaking
+    noise, which is as large as the gap between neighbouring ranks."""
+    from .saliency import dense_pass
+
+    stats, _ = dense_pass(
+        model, adapter, tokens, 0.01, tokens.shape[1], "sheared: saliency", device=cfg.device
+    )
+    start = math.log(1 - cfg.droprate_init) - math.log(cfg.droprate_init)
+    for i, st in enumerate(stats):
+        for family, scores in (
+            ("head", st.space.head_scores),
+            ("kv", st.space.kv_scores),
+            ("ffn", st.space.channel_scores),
+        ):
+            log_alpha = masks.gates[family].log_alpha
+            ranks = torch.tensor(scores).argsort().argsort().float()
+            quantile = ranks / max(1, len(scores) - 1)
+            log_alpha[i] = start - SALIENCY_SPREAD * (1 - quantile).to(log_alpha)
 
 
 def calibration_domain(tokens: torch.Tensor) -> list[Domain]:
