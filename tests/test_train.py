@@ -188,32 +188,29 @@ def test_two_processes_equal_one(tmp_path):
 # ---- the command line ----------------------------------------------------------------------
 
 
+def train_argv(model, domains, out, steps: int, batch: int, *rest) -> list[str]:
+    """`slimops train` arguments of a tiny run: both stages `steps` steps, evaluating every 2."""
+    size = ["--seqlen", "16", "--valid-windows", "2", "--eval-interval", "2"]
+    run = ["--prune-steps", str(steps), "--steps", str(steps), "--batch-size", str(batch)]
+    target = ["--target", "hidden=48,heads=2,kv_heads=1,ffn=96"]
+    return [
+        "train",
+        str(model),
+        "--domains",
+        str(domains),
+        "--out",
+        str(out),
+        *target,
+        *run,
+        *size,
+        *rest,
+    ]
+
+
 def test_slimops_train_end_to_end(saved_tiny_model, tmp_path, capsys):
     root = write_domains(tmp_path / "domains")
     out = tmp_path / "out"
-    argv = [
-        "train",
-        str(saved_tiny_model),
-        "--domains",
-        str(root),
-        "--out",
-        str(out),
-        "--target",
-        "hidden=48,heads=2,kv_heads=1,ffn=96",
-        "--prune-steps",
-        "4",
-        "--steps",
-        "4",
-        "--batch-size",
-        "2",
-        "--seqlen",
-        "16",
-        "--eval-interval",
-        "2",
-        "--valid-windows",
-        "2",
-        "--resume",
-    ]
+    argv = train_argv(saved_tiny_model, root, out, 4, 2, "--resume")
     assert main(argv) == 0
     printed = capsys.readouterr()
     assert "validation loss" in printed.out and "world size 1" in printed.err
@@ -295,32 +292,7 @@ def test_prune_method_sheared_from_the_cli(saved_tiny_model, tmp_path):
 def test_slimops_train_under_torchrun(saved_tiny_model, tmp_path):
     root = write_domains(tmp_path / "domains")
     out = tmp_path / "out"
-    proc = torchrun(
-        [
-            "-m",
-            "slimops.cli",
-            "train",
-            str(saved_tiny_model),
-            "--domains",
-            str(root),
-            "--out",
-            str(out),
-            "--target",
-            "hidden=48,heads=2,kv_heads=1",
-            "--prune-steps",
-            "2",
-            "--steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--seqlen",
-            "16",
-            "--valid-windows",
-            "2",
-            "--eval-interval",
-            "2",
-        ]
-    )
+    proc = torchrun(["-m", "slimops.cli", *train_argv(saved_tiny_model, root, out, 2, 4)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "shear: world size 2, 2 of 4 sequences per rank per step" in proc.stderr
     assert "train: world size 2, 2 of 4 sequences per rank per step" in proc.stderr
