@@ -148,6 +148,8 @@ def run_one(name, args, doms, reference, shear_cfg, target):
     info["tokens_per_s"] = throughput(model, args)
     info["score"] = score(model, doms, args, tokenizer)
     info["final_weights"] = log["cpt"]["mixture"][-1]["weights"]
+    first = log["cpt"]["mixture"][0]["losses"]  # held-in, right after pruning and slicing
+    info["after_prune_held_in"] = sum(first) / len(first)
     return info
 
 

@@ -6,11 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-TRAIN_LOG, WEIGHTS_PLOT, MIXTURE_STATE = (
-    "slimops_train_log.json",
-    "domain_weights.png",
-    "mixture.json",
-)
+TRAIN_LOG, WEIGHTS_PLOT = "slimops_train_log.json", "domain_weights.png"
 # ShearedConfig fields that are not --flags of `train` (train has its own batch/seed/device).
 _NOT_FLAGS = ("ratio", "schedule", "device", "batch_size", "offload", "seed")
 
@@ -163,21 +159,8 @@ def cmd_train(args) -> None:
     model, _ = pipeline.load_model(args.model, args.dtype)
     progress = out.with_name(out.name + ".progress") if args.resume else None
 
-    def save_stage(m, folder, plan, state):
-        if distributed.is_main():
-            extra = {MIXTURE_STATE: json.dumps(state).encode()}
-            save_pruned(m, folder, tokenizer, plan, overwrite=True, extra_files=extra)
-        distributed.barrier()
-
-    def load_stage(folder):
-        from .plan import PruningPlan
-
-        m, _ = pipeline.load_model(str(folder), args.dtype)
-        plan = PruningPlan.from_json((folder / "slimops_plan.json").read_text())
-        return m, plan, json.loads((folder / MIXTURE_STATE).read_text())
-
     model, plan, log = train.shear_and_train(
-        model, domains, shear_cfg, cpt, mixture, args.device, progress, save_stage, load_stage
+        model, domains, shear_cfg, cpt, mixture, args.device, progress, tokenizer
     )
     log["argv"] = {k: v for k, v in vars(args).items() if k != "func"}
     if distributed.is_main():

@@ -14,6 +14,7 @@ saved there between the stages, so a run killed in continued pretraining does no
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -83,13 +84,12 @@ def shear_and_train(
     mixture_opts: MixtureOptions | None = None,
     device: str = "cpu",
     progress_dir=None,
-    save_pruned_fn=None,
-    load_pruned_fn=None,
+    tokenizer=None,
 ) -> tuple[torch.nn.Module, object, dict]:
     """Prune `model` to shear_cfg's target (skipped when shear_cfg is None: continued
     pretraining only), slice it, then train it cpt.steps steps. Returns (model, plan, log).
-    With progress_dir, each stage is resumable; save/load_pruned_fn keep the sliced model
-    between the stages (the CLI passes the checkpoint writer and loader)."""
+    With progress_dir, each stage is resumable and the sliced model is kept between the
+    stages (with `tokenizer`, saved beside it)."""
     mixture_opts = mixture_opts or MixtureOptions()
     progress = Path(progress_dir) if progress_dir is not None else None
     local = max(1, cpt.batch_size // distributed.world()[1])
@@ -98,7 +98,7 @@ def shear_and_train(
     plan = None
     pruned_dir = progress / "pruned" if progress is not None else None
     if shear_cfg is not None and pruned_dir is not None and (pruned_dir / "config.json").is_file():
-        model, plan, state = load_pruned_fn(pruned_dir)
+        model, plan, state = load_stage(pruned_dir)
         mixture.load_state_dict(state)
         log["shear"] = "resumed from " + str(pruned_dir)
     elif shear_cfg is not None:
@@ -109,13 +109,36 @@ def shear_and_train(
         apply_plan(model, plan)
         log["shear_wall_s"] = time.perf_counter() - tic
         if pruned_dir is not None:
-            save_pruned_fn(model, pruned_dir, plan, mixture.state_dict())
+            save_stage(model, pruned_dir, plan, mixture.state_dict(), tokenizer)
     mixture.history = []  # the continued-pretraining log starts afresh
     stage = progress / "cpt" if progress is not None else None
     tic = time.perf_counter()
     objective, log["cpt"] = train(LMObjective(model), domains, mixture, cpt, device, stage, "train")
     log["cpt_wall_s"] = time.perf_counter() - tic
     return objective.model, plan, log
+
+
+MIXTURE_STATE = "mixture.json"
+
+
+def save_stage(model, folder: Path, plan, mixture_state: dict, tokenizer=None) -> None:
+    """The sliced model between the stages, with the plan and the domain weights (rank 0)."""
+    from .checkpoint import save_pruned
+
+    if distributed.is_main():
+        extra = {MIXTURE_STATE: json.dumps(mixture_state).encode()}
+        save_pruned(model, folder, tokenizer, plan, overwrite=True, extra_files=extra)
+    distributed.barrier()
+
+
+def load_stage(folder: Path):
+    from .checkpoint import PLAN_FILE
+    from .checkpoint import load as load_checkpoint
+    from .plan import PruningPlan
+
+    model, _ = load_checkpoint(folder)
+    plan = PruningPlan.from_json((folder / PLAN_FILE).read_text())
+    return model, plan, json.loads((folder / MIXTURE_STATE).read_text())
 
 
 def _list(t):

@@ -298,3 +298,31 @@ def test_slimops_train_under_torchrun(saved_tiny_model, tmp_path):
     assert "train: world size 2, 2 of 4 sequences per rank per step" in proc.stderr
     assert proc.stdout.count("saved to") == 1  # rank 0 alone writes
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 48
+
+
+def test_a_run_killed_after_the_pruning_stage_does_not_prune_again(tmp_path, monkeypatch):
+    """With a progress folder the sliced model is saved between the stages; a second run
+    loads it (the pruning stage is not run again) and ends with the same weights."""
+    from slimops import train as train_mod
+    from slimops.methods.sheared import ShearedConfig
+    from slimops.train import MixtureOptions, shear_and_train
+    from slimops.trainer import TrainConfig
+
+    def run():
+        model = make_tiny_model("llama", layers=2, perturb=True)
+        cfg = ShearedConfig(target="hidden=48,heads=2,kv_heads=1,ffn=96", prune_steps=3)
+        cpt = TrainConfig(steps=4, batch_size=4, lr=1e-3, eval_interval=2)
+        return shear_and_train(model, tiny_domains(), cfg, cpt, MixtureOptions(), "cpu", tmp_path)
+
+    first, plan, _ = run()
+    assert (tmp_path / "pruned" / "config.json").is_file()
+    (tmp_path / "cpt" / "train_state.pt").unlink()  # killed before continued pretraining saved
+
+    def no_shear(*args, **kwargs):
+        raise AssertionError("the pruning stage ran again")
+
+    monkeypatch.setattr(train_mod, "shear", no_shear)
+    second, plan2, log = run()
+    assert log["shear"].startswith("resumed from") and plan2.layers == plan.layers
+    for (k, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=k)
