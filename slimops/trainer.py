@@ -136,11 +136,13 @@ def _wrap(objective: nn.Module, cfg: TrainConfig, device) -> nn.Module:
     return DistributedDataParallel(objective, device_ids=ids)
 
 
-def _state_dicts(wrapped, optimizer) -> tuple[dict, dict]:
-    """Full (unsharded) model and optimizer state, keyed by parameter name."""
+def _state_dicts(wrapped, optimizer, rank0_only: bool) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state, keyed by parameter name; with rank0_only
+    gathered to rank 0's CPU alone (the others get empty dicts: saving needs only rank 0)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    return get_state_dict(wrapped, optimizer, options=StateDictOptions(full_state_dict=True))
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
+    return get_state_dict(wrapped, optimizer, options=opts)
 
 
 def _load_state(wrapped, optimizer, model_sd: dict, optim_sd: dict) -> None:
@@ -224,7 +226,7 @@ def train(
     log["mixture"] = mixture.history
     if shadow is not None:  # FSDP: gather the full weights into an unsharded copy
         shadow.to_empty(device=device)
-        shadow.load_state_dict(_state_dicts(wrapped, optimizer)[0])
+        shadow.load_state_dict(_state_dicts(wrapped, optimizer, rank0_only=False)[0])
         objective = shadow
     return objective, log
 
@@ -246,7 +248,7 @@ def _record(step, loss, metrics, tokens, seconds) -> dict:
 
 
 def _save_state(path, wrapped, optimizer, mixture, log, next_step) -> None:
-    model_sd, optim_sd = _state_dicts(wrapped, optimizer)
+    model_sd, optim_sd = _state_dicts(wrapped, optimizer, rank0_only=True)
     record = {"step": next_step, "model": model_sd, "optim": optim_sd}
     _save(path, record | {"mixture": mixture.state_dict(), "log": json.dumps(log)})
 

@@ -149,10 +149,13 @@ from helpers import tiny_shear
 from slimops import distributed
 distributed.init_from_env()
 out = {{}}
-for fsdp in {modes!r}:
-    model, plan, log, _ = tiny_shear(steps=4, fsdp=fsdp, save=0)
+for mode in {modes!r}:  # "ddp", "fsdp", or "fsdp-resumed": killed after step 2, resumed
+    fsdp, state = mode != "ddp", {state!r} + mode if mode.endswith("resumed") else None
+    if state:
+        tiny_shear(state, stop_after=3, steps=4, fsdp=fsdp)
+    model, plan, log, _ = tiny_shear(state, steps=4, fsdp=fsdp)
     layers = [vars(lp) for lp in plan.layers]
-    out[fsdp] = {{"state": model.state_dict(), "plan": (layers, plan.kept_hidden),
+    out[mode] = {{"state": model.state_dict(), "plan": (layers, plan.kept_hidden),
                  "losses": [s["loss"] for s in log["steps"]]}}
 if distributed.is_main():
     torch.save(out, {path!r})
@@ -164,8 +167,11 @@ def test_two_processes_equal_one(tmp_path):
     for name, launch in (("one", False), ("two", True)):
         script = tmp_path / f"{name}.py"
         path = tmp_path / f"{name}.pt"
-        modes = (False,) if not launch else (False, True)
-        script.write_text(SCRIPT.format(tests=str(ROOT / "tests"), modes=modes, path=str(path)))
+        modes = ("ddp",) if not launch else ("ddp", "fsdp", "fsdp-resumed")
+        state = str(tmp_path / "state-")
+        script.write_text(
+            SCRIPT.format(tests=str(ROOT / "tests"), modes=modes, path=str(path), state=state)
+        )
         if launch:
             proc = torchrun([str(script)])
         else:
@@ -176,8 +182,8 @@ def test_two_processes_equal_one(tmp_path):
         results[name] = torch.load(path, weights_only=False)
         if launch:
             assert "world size 2, 2 of 4 sequences per rank" in proc.stderr
-    one = results["one"][False]
-    for mode in (False, True):  # DDP, FSDP
+    one = results["one"]["ddp"]  # one process: no wrapper at all
+    for mode in ("ddp", "fsdp", "fsdp-resumed"):
         two = results["two"][mode]
         assert two["plan"] == one["plan"], mode
         for k, v in one["state"].items():
