@@ -69,25 +69,34 @@ def options(text: str) -> dict:
 
 
 def score(model, doms, args, tokenizer) -> dict:
+    """Each domain's mean next-token loss on --split (domains without test text left out)."""
     probe = LMObjective(model).eval()
-    if args.split == "held-in":
-        losses = domain_losses(probe, doms, args.batch_size, "cpu")
-    else:
+    held = doms
+    if args.split == "test":
         test = D.test_windows(args.domains, tokenizer, args.seqlen, [d.name for d in doms])
         held = [D.Domain(d.name, d.train[:0], test[d.name][: args.test_windows]) for d in doms]
-        losses = domain_losses(probe, [h for h in held if len(h.valid)], args.batch_size, "cpu")
-    names = [d.name for d in doms]
-    return {"per_domain": dict(zip(names, losses.tolist())), "mean": float(losses.mean())}
+        held = [h for h in held if len(h.valid)]
+    losses = domain_losses(probe, held, args.batch_size, "cpu")
+    return {
+        "per_domain": {d.name: x for d, x in zip(held, losses.tolist())},
+        "mean": float(losses.mean()),
+    }
 
 
 @torch.no_grad()
-def throughput(model, args) -> float:
-    ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seqlen))
-    model.eval()(ids)
-    tic, n = time.perf_counter(), 3
-    for _ in range(n):
-        model(ids)
-    return n * ids.numel() / (time.perf_counter() - tic)
+def throughput(models: list, args, rounds: int = 5) -> list[float]:
+    """Forward tokens/s of each model (batch x seqlen), the models timed in turns so a
+    load on the shared machine hits them alike; the median of `rounds` turns."""
+    ids = torch.randint(0, models[0].config.vocab_size, (args.batch_size, args.seqlen))
+    times = [[] for _ in models]
+    for m in models:
+        m.eval()(ids)  # warm-up
+    for _ in range(rounds):
+        for m, t in zip(models, times):
+            tic = time.perf_counter()
+            m(ids)
+            t.append(time.perf_counter() - tic)
+    return [ids.numel() / sorted(t)[len(t) // 2] for t in times]
 
 
 def scratch_model(source, target):
@@ -145,7 +154,8 @@ def run_one(name, args, doms, reference, shear_cfg, target):
     info["cpt_wall_s"] = log["cpt_wall_s"]
     info["wall_s"] = time.perf_counter() - tic
     info["decoder_params"] = get_adapter(model).decoder_params()
-    info["tokens_per_s"] = throughput(model, args)
+    dense, _ = load_model(args.model)
+    info["dense_tokens_per_s"], info["tokens_per_s"] = throughput([dense, model], args)
     info["score"] = score(model, doms, args, tokenizer)
     info["final_weights"] = log["cpt"]["mixture"][-1]["weights"]
     first = log["cpt"]["mixture"][0]["losses"]  # held-in, right after pruning and slicing
@@ -172,7 +182,6 @@ def main(argv=None) -> None:
         "target": vars(target),
         "dense": {
             "decoder_params": get_adapter(source).decoder_params(),
-            "tokens_per_s": throughput(source, args),
             "score": score(source, doms, args, tokenizer),
         },
         "runs": {},
@@ -189,21 +198,35 @@ def main(argv=None) -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
     print(table(result))
+    print()
+    print(domain_table(result))
+
+
+def domain_table(result: dict) -> str:
+    """Per-domain loss of every run (columns) on the scored split."""
+    runs = {"dense": result["dense"], **result["runs"]}
+    head = "| domain | " + " | ".join(runs) + " |"
+    rows = [head, "|---|" + "---:|" * len(runs)]
+    for name in result["dense"]["score"]["per_domain"]:
+        cells = " | ".join(f"{r['score']['per_domain'][name]:.3f}" for r in runs.values())
+        rows.append(f"| {name} | {cells} |")
+    return "\n".join(rows)
 
 
 def table(result: dict) -> str:
+    """One row per run: parameters, mean loss, wall time per stage, throughput vs dense
+    (timed in turns within the run)."""
     dense = result["dense"]
     rows = [
         "| run | decoder params | mean loss | wall s (prune / train) | tok/s (x dense) |",
         "|---|---:|---:|---:|---:|",
-        f"| dense | {dense['decoder_params']:,} | {dense['score']['mean']:.4f} | - | "
-        f"{dense['tokens_per_s']:.0f} (1.00x) |",
+        f"| dense | {dense['decoder_params']:,} | {dense['score']['mean']:.4f} | - | - |",
     ]
     for name, r in result["runs"].items():
         rows.append(
             f"| {name} | {r['decoder_params']:,} | {r['score']['mean']:.4f} | {r['wall_s']:.0f} "
             f"({r.get('prune_wall_s', 0):.0f} / {r['cpt_wall_s']:.0f}) | {r['tokens_per_s']:.0f} "
-            f"({r['tokens_per_s'] / dense['tokens_per_s']:.2f}x) |"
+            f"({r['tokens_per_s'] / r['dense_tokens_per_s']:.2f}x) |"
         )
     return "\n".join(rows)
 
