@@ -42,7 +42,7 @@ def add_train_parser(sub) -> None:
                 "--" + f.name.replace("_", "-"),
                 type=kind,
                 default=f.default,
-                help=f"{f.metadata.get('help', '')} (default {f.default})",
+                help=f"{f.metadata.get('help', '')} (default {f.default or 'none'})",
             )
     g = p.add_argument_group("continued pretraining and data")
     g.add_argument("--steps", type=int, default=100, help="continued-pretraining steps")
@@ -99,13 +99,15 @@ def _configs(args):
     from .trainer import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(ShearedConfig) if f.name not in _NOT_FLAGS}
-    shear_cfg = ShearedConfig(
-        ratio=args.ratio,
-        device=args.device,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        **{name: getattr(args, name) for name in fields},
-    )
+    shear_cfg = None  # --prune-steps 0: continued pretraining only
+    if args.prune_steps != 0:
+        shear_cfg = ShearedConfig(
+            ratio=args.ratio,
+            device=args.device,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            **{name: getattr(args, name) for name in fields},
+        )
     cpt = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -119,7 +121,7 @@ def _configs(args):
     mixture = MixtureOptions(
         args.mixture == "dynamic", args.init_weights, args.ref_losses, clip=not args.no_clip
     )
-    return (shear_cfg if args.prune_steps > 0 else None), cpt, mixture
+    return shear_cfg, cpt, mixture
 
 
 def _check_target(config, shear_cfg) -> None:

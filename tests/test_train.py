@@ -231,6 +231,11 @@ def test_slimops_train_end_to_end(saved_tiny_model, tmp_path, capsys):
     AutoModelForCausalLM.from_pretrained(out)
     assert main(argv) == 2  # --out is taken now
     assert "exists and is not empty" in capsys.readouterr().err
+    # --prune-steps 0: continued pretraining of the pruned model alone, same shape
+    again = train_argv(out, root, tmp_path / "cpt", 2, 2, "--prune-steps", "0")
+    assert main(again) == 0
+    assert json.loads((tmp_path / "cpt" / "config.json").read_text())["hidden_size"] == 48
+    assert "shear" not in json.loads((tmp_path / "cpt" / "slimops_train_log.json").read_text())
 
 
 def test_slimops_train_rejects_bad_input(saved_tiny_model, tmp_path, capsys):
