@@ -177,7 +177,7 @@ def train(
     Returns the trained objective (unsharded) and the log. stop_after (tests): stop after
     that step as a killed run would, without the final evaluation."""
     rank, world = distributed.world()
-    shadow = copy.deepcopy(objective).to("meta") if cfg.fsdp and world > 1 else None
+    shadow = _meta_copy(objective) if cfg.fsdp and world > 1 else None
     objective.to(device)
     wrapped = _wrap(objective, cfg, device)
     groups = objective.param_groups(cfg)
@@ -229,6 +229,13 @@ def train(
         shadow.load_state_dict(_state_dicts(wrapped, optimizer, rank0_only=False)[0])
         objective = shadow
     return objective, log
+
+
+def _meta_copy(objective: nn.Module) -> nn.Module:
+    """A weightless copy to gather FSDP's shards into at the end. Modules the objective holds
+    outside its registry (a frozen teacher) are shared, not copied."""
+    outside = {id(v): v for v in vars(objective).values() if isinstance(v, nn.Module)}
+    return copy.deepcopy(objective, memo=outside).to("meta")
 
 
 def _due(step: int, cfg: TrainConfig) -> bool:

@@ -279,6 +279,8 @@ def shear(
     if stop_after is not None:
         return objective.model, None, log
     model, masks = objective.model, objective.masks
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # an FSDP gather into a fresh copy can leave them as two tensors
     z = masks.final_gates(target)
     fold_gates(get_adapter(model), _to(z, next(model.parameters())))
     plan = plan_from_gates(z)
