@@ -337,3 +337,20 @@ def test_a_run_killed_after_the_pruning_stage_does_not_prune_again(tmp_path, mon
     assert log["shear"].startswith("resumed from") and plan2.layers == plan.layers
     for (k, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_slimops_train_on_other_families(family, tmp_path, tiny_tokenizer):
+    """The CLI on every GQA family (LLaMA: test_slimops_train_end_to_end)."""
+    path = tmp_path / family
+    make_tiny_model(family, layers=2).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    root = write_domains(tmp_path / "domains")
+    assert main(train_argv(path, root, tmp_path / "out", 2, 2)) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["model_type"], config["hidden_size"], config["num_key_value_heads"]) == (
+        family,
+        48,
+        1,
+    )
+    assert "auto_map" not in config
