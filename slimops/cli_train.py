@@ -142,6 +142,27 @@ def _check_target(config, shear_cfg) -> None:
     check_config_accepts(config, parse_target(shear_cfg.target, source))
 
 
+def _progress_folder(args) -> Path:
+    """OUT.progress/, tied to every setting of this run: a folder a run with other settings
+    left is refused, not mixed in (the prune command's --resume does the same)."""
+    from . import distributed
+
+    out = Path(args.out)
+    folder = out.with_name(out.name + ".progress")
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "json")}
+    settings = json.loads(json.dumps(settings, default=str))
+    record = folder / "settings.json"
+    if record.is_file() and json.loads(record.read_text()) != settings:
+        raise ValueError(
+            f"{folder} holds progress of a run with other settings; delete it or use the same"
+        )
+    distributed.barrier()  # every rank has compared before rank 0 writes
+    if distributed.is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(settings))
+    return folder
+
+
 def cmd_train(args) -> None:
     from . import distributed, pipeline, train
     from .checkpoint import save_pruned
@@ -155,11 +176,11 @@ def cmd_train(args) -> None:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty (use --overwrite)")
     distributed.init_from_env()
+    progress = _progress_folder(args) if args.resume else None  # a stale folder fails here
     tokenizer = pipeline.load_tokenizer(args.model)
     domains = load_domains(args.domains, tokenizer, args.seqlen, args.valid_windows)
     train.say(f"domains: {', '.join(f'{d.name} ({len(d.train)} windows)' for d in domains)}")
     model, _ = pipeline.load_model(args.model, args.dtype)
-    progress = out.with_name(out.name + ".progress") if args.resume else None
 
     model, plan, log = train.shear_and_train(
         model, domains, shear_cfg, cpt, mixture, args.device, progress, tokenizer
