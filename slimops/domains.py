@@ -20,11 +20,13 @@ step, w), so a resumed run draws exactly the batches an unbroken run draws.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import distributed
 from .calibration import TEXT_SUFFIXES, tokenize
 from .corpus import is_test_file
 
@@ -97,7 +99,8 @@ def load_domains(
             )
             if named:
                 raise ValueError(msg)
-            print(f"skipping {msg}", flush=True)
+            if distributed.is_main():
+                print(f"skipping {msg}", file=sys.stderr, flush=True)
             continue
         out.append(Domain(name, w[: len(w) - valid_windows], w[len(w) - valid_windows :]))
     if not out:

@@ -59,9 +59,6 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1 or self.eval_interval < 1:
             raise ValueError("steps must be >= 0, batch_size and eval_interval >= 1")
-        world = distributed.world()[1]
-        if self.batch_size % world:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by world size {world}")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -177,6 +174,8 @@ def train(
     Returns the trained objective (unsharded) and the log. stop_after (tests): stop after
     that step as a killed run would, without the final evaluation."""
     rank, world = distributed.world()
+    if cfg.batch_size % world:  # checked here: the config may predate joining the group
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {world}")
     shadow = _meta_copy(objective) if cfg.fsdp and world > 1 else None
     objective.to(device)
     wrapped = _wrap(objective, cfg, device)

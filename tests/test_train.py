@@ -358,3 +358,11 @@ def test_slimops_train_on_other_families(family, tmp_path, tiny_tokenizer):
         1,
     )
     assert "auto_map" not in config
+
+
+def test_batch_must_split_evenly_over_the_ranks(monkeypatch):
+    from slimops import trainer
+
+    monkeypatch.setattr(trainer.distributed, "world", lambda: (0, 2))
+    with pytest.raises(ValueError, match="not divisible by world size 2"):
+        trainer.train(None, [], None, trainer.TrainConfig(steps=1, batch_size=3))
