@@ -117,22 +117,20 @@ def scratch_model(source, target):
 def run_one(name, args, doms, reference, shear_cfg, target):
     model, tokenizer = load_model(args.model)
     total = args.prune_steps + args.cpt_steps
-    cpt = TrainConfig(
-        args.cpt_steps,
-        args.batch_size,
-        args.lr,
-        max(1, args.cpt_steps // 10),
-        eval_interval=args.eval_interval,
-    )
+
+    def training(steps: int, lr: float) -> TrainConfig:  # 10% warm-up, shared evaluation
+        return TrainConfig(
+            steps, args.batch_size, lr, max(1, steps // 10), eval_interval=args.eval_interval
+        )
+
+    cpt = training(args.cpt_steps, args.lr)
     mix = MixtureOptions(dynamic=name != "sheared-static", reference=reference)
     info, tic = {}, time.perf_counter()
     if name.startswith("sheared"):
         model, _, log = shear_and_train(model, doms, shear_cfg, cpt, mix)
         info["prune_wall_s"] = log["shear_wall_s"]
     else:
-        cpt = TrainConfig(
-            total, args.batch_size, args.lr, max(1, total // 10), eval_interval=args.eval_interval
-        )
+        cpt = training(total, args.lr)
         if name == "slimgpt":
             geo = Geometry.of(get_adapter(model))
             ratio = 1 - geo.size(target) / geo.size(geo.shape)
@@ -143,13 +141,7 @@ def run_one(name, args, doms, reference, shear_cfg, target):
             info["prune_wall_s"] = time.perf_counter() - t0
         else:
             model = scratch_model(model, target)
-            cpt = TrainConfig(
-                total,
-                args.batch_size,
-                args.scratch_lr,
-                max(1, total // 10),
-                eval_interval=args.eval_interval,
-            )
+            cpt = training(total, args.scratch_lr)
         model, _, log = shear_and_train(model, doms, None, cpt, mix)
     info["cpt_wall_s"] = log["cpt_wall_s"]
     info["wall_s"] = time.perf_counter() - tic

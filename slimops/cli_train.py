@@ -126,20 +126,11 @@ def _configs(args):
 
 def _check_target(config, shear_cfg) -> None:
     """--target against the model's config, before any weights are read."""
-    from .methods.sheared import check_config_accepts, parse_target
-    from .methods.sheared_masks import Shape
+    from .methods.sheared import check_config_accepts, parse_target, source_shape
 
     if shear_cfg is None or not shear_cfg.target:
         return
-    heads = config.num_attention_heads
-    source = Shape(
-        config.hidden_size,
-        config.num_hidden_layers,
-        heads,
-        getattr(config, "num_key_value_heads", None) or heads,
-        config.intermediate_size,
-    )
-    check_config_accepts(config, parse_target(shear_cfg.target, source))
+    check_config_accepts(config, parse_target(shear_cfg.target, source_shape(config)))
 
 
 def _progress_folder(args) -> Path:

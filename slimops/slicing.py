@@ -73,22 +73,29 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
         if not lp.drop_layer:
             lp.validate(*adapter.layer_shape(layer))
     if plan.kept_hidden is not None:
-        check_kept_hidden(plan.kept_hidden, adapter.hidden_size)
+        check_kept_hidden(plan, adapter.hidden_size)
     for layer, lp in zip(layers, plan.layers):
         if not lp.drop_layer:
             slice_layer(adapter, layer, lp)
     if plan.kept_hidden is not None:
         slice_hidden(model, adapter, torch.as_tensor(plan.kept_hidden, dtype=torch.long))
-        set_uniform_config(model, adapter, plan)
+        for key, value in plan.shapes()[0].items():  # one shape (checked): the config says it
+            setattr(model.config, key, value)
     drop_layers(model, adapter, [i for i, lp in enumerate(plan.layers) if lp.drop_layer])
     return model
 
 
-def check_kept_hidden(kept: list[int], hidden_size: int) -> None:
+def check_kept_hidden(plan: PruningPlan, hidden_size: int) -> None:
+    """A plan that narrows the hidden size (sheared) keeps a valid subset of it and gives
+    every kept layer one shape (the config's global widths will say it)."""
+    kept = plan.kept_hidden
     if not kept or sorted(set(kept)) != list(kept) or kept[0] < 0 or kept[-1] >= hidden_size:
         raise ValueError(
             f"kept hidden dims must be a non-empty sorted unique subset of 0..{hidden_size - 1}"
         )
+    shapes = plan.shapes()
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError("a plan that slices the hidden dimension must give every layer one shape")
 
 
 @torch.no_grad()
@@ -107,26 +114,17 @@ def slice_hidden(model: nn.Module, adapter, kept: torch.Tensor) -> None:
     for norm in norms:
         norm.weight = nn.Parameter(norm.weight.index_select(0, kept.to(norm.weight.device)))
     for layer in adapter.layers():
-        for role in ("q", "k", "v", "gate", "up", "o", "down"):
+        # the hidden side of each projection is the one head/channel pruning leaves alone
+        for role, (_, pruned_side, _) in adapter.spec["projections"].items():
             linear = adapter.linear(layer, role)
             if linear is not None:
-                side = {"cols": kept} if role not in ("o", "down") else {"rows": kept}
+                side = {"cols": kept} if pruned_side == "out" else {"rows": kept}
                 adapter.set_linear(layer, role, slice_linear(linear, **side))
     if tied:
         head.weight = emb.weight
     elif head is not None:
         model.set_output_embeddings(slice_linear(head, cols=kept))
     model.config.hidden_size = adapter.hidden_size = kept.numel()
-
-
-def set_uniform_config(model: nn.Module, adapter, plan: PruningPlan) -> None:
-    """A plan that also narrows the hidden size (sheared) is one uniform shape: the config's
-    global widths say it (the stock config validates hidden against the head count)."""
-    shapes = plan.shapes()
-    if any(s != shapes[0] for s in shapes):
-        raise ValueError("a plan that slices the hidden dimension must give every layer one shape")
-    for key, value in shapes[0].items():
-        setattr(model.config, key, value)
 
 
 def drop_layers(model: nn.Module, adapter, indices: list[int]) -> None:

@@ -243,3 +243,15 @@ def test_saliency_init_orders_gates_by_saliency():
     assert torch.equal(masks.gates["hidden"].log_alpha.detach(), start)  # hidden: droprate
     with pytest.raises(ValueError, match="init must be"):
         ShearedConfig(init="magic")
+
+
+def test_a_hidden_slicing_plan_must_be_uniform_and_is_refused_before_any_change():
+    model = make_tiny_model("llama", layers=2)
+    masks = random_masks(model)
+    plan = plan_from_gates(masks.final_gates(Shape(48, 2, 2, 1, 100)))
+    plan.layers[1].kept_channels = plan.layers[1].kept_channels[:-1]  # layer 1: FFN 99
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="every layer one shape"):
+        apply_plan(model, plan)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

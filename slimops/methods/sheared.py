@@ -43,12 +43,12 @@ from .sheared_masks import (
     plan_from_gates,
 )
 
-_TARGET_KEYS = {  # --target key -> (Shape field, HF config key)
-    "hidden": ("hidden", "hidden_size"),
-    "layers": ("layers", "num_hidden_layers"),
-    "heads": ("heads", "num_attention_heads"),
-    "kv_heads": ("kv_heads", "num_key_value_heads"),
-    "ffn": ("ffn", "intermediate_size"),
+_CONFIG_KEYS = {  # Shape field (= --target key) -> HF config key
+    "hidden": "hidden_size",
+    "layers": "num_hidden_layers",
+    "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+    "ffn": "intermediate_size",
 }
 
 
@@ -101,19 +101,26 @@ def parse_target(text: str, source: Shape) -> Shape:
         if not path.is_file():
             raise FileNotFoundError(f"--target {text}: no such file")
         cfg = json.loads(path.read_text())
-        given = {field: cfg[key] for field, key in _TARGET_KEYS.values() if key in cfg}
+        given = {field: cfg[key] for field, key in _CONFIG_KEYS.items() if key in cfg}
     else:
         given = {}
         for item in filter(None, text.split(",")):
             key, sep, value = item.partition("=")
-            if not sep or key.strip() not in _TARGET_KEYS or not value.strip().isdigit():
+            if not sep or key.strip() not in _CONFIG_KEYS or not value.strip().isdigit():
                 raise ValueError(
-                    f"--target item {item!r} is not KEY=INT, KEY one of {', '.join(_TARGET_KEYS)}"
+                    f"--target item {item!r} is not KEY=INT, KEY one of {', '.join(_CONFIG_KEYS)}"
                 )
-            given[_TARGET_KEYS[key.strip()][0]] = int(value)
+            given[key.strip()] = int(value)
     shape = replace(source, **given)
     shape.check_within(source)
     return shape
+
+
+def source_shape(config) -> Shape:
+    """The dense shape a HF config describes (no weights needed: checks before loading)."""
+    widths = {field: getattr(config, key, None) for field, key in _CONFIG_KEYS.items()}
+    widths["kv_heads"] = widths["kv_heads"] or widths["heads"]  # MHA configs may omit it
+    return Shape(**widths)
 
 
 def shape_for_ratio(ratio: float, geometry: Geometry) -> Shape:
@@ -149,7 +156,7 @@ def resolve_target(cfg: ShearedConfig, geometry: Geometry, config=None) -> Shape
 def check_config_accepts(config, shape: Shape) -> None:
     """ValueError when the family's config class refuses the target (LlamaConfig: hidden
     must be a multiple of the query heads, even with an explicit head_dim)."""
-    values = {key: getattr(shape, field) for field, key in _TARGET_KEYS.values()}
+    values = {key: getattr(shape, field) for field, key in _CONFIG_KEYS.items()}
     types = getattr(config, "layer_types", None)
     if isinstance(types, list):  # per-layer lists shrink with the layers (Qwen2/3)
         values["layer_types"] = types[: shape.layers]
