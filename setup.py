@@ -110,12 +110,14 @@ def extensions():
 
 
 ext_modules, cmdclass = extensions()
+KERNEL_FAMILIES = find_packages("kernels")
 setup(
-    # `kernels/` (Triton kernels + reference oracles) is installed as slimops.kernels.
+    # The families in the top-level `kernels/` (Triton kernels + reference oracles) are
+    # installed as slimops.kernels.<family>; `kernels/` itself is no package (it would shadow
+    # PyPI's `kernels`, see slimops/kernels/__init__.py).
     packages=sorted({"slimops", *find_packages(include=["slimops", "slimops.*"])})
-    + ["slimops.kernels"]
-    + [f"slimops.kernels.{p}" for p in find_packages("kernels")],
-    package_dir={"slimops.kernels": "kernels"},
+    + [f"slimops.kernels.{family}" for family in KERNEL_FAMILIES],
+    package_dir={f"slimops.kernels.{family}": f"kernels/{family}" for family in KERNEL_FAMILIES},
     package_data={"slimops": ["assets/**/*", "models/*.py"]},
     include_package_data=True,
     ext_modules=ext_modules,

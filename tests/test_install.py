@@ -50,3 +50,37 @@ def test_missing_extension_is_said_once_at_import():
         env={**env, "SLIMOPS_NO_EXT": "1"},
     )
     assert "not available" not in quiet.stderr
+
+
+
+# Run from the repository root exactly as users do (`python -c`/`python -m` put the root first
+# on sys.path). The top-level kernels/ folder must never be what `import kernels` finds: PyPI's
+# `kernels` (a dependency of transformers >= 5.25) is imported by transformers' hub kernels.
+FROM_ROOT = """
+import importlib.metadata, importlib.util, pathlib, sys
+folder = (pathlib.Path.cwd() / "kernels").resolve()
+assert sys.path[0] in ("", str(pathlib.Path.cwd())), sys.path[:2]  # the root is searched first
+spec = importlib.util.find_spec("kernels")
+try:
+    importlib.metadata.distribution("kernels")
+    installed = True
+except importlib.metadata.PackageNotFoundError:
+    installed = False
+if installed:  # the installed package, whatever the path order
+    assert spec.origin and not pathlib.Path(spec.origin).resolve().is_relative_to(folder), spec
+else:  # at most an empty namespace portion: no module of ours answers to `kernels`
+    assert spec is None or spec.origin is None, spec
+import slimops.kernels.common, slimops.kernels.hessian.reference as ref  # ours, by full name
+assert pathlib.Path(ref.__file__).resolve().is_relative_to(folder), ref.__file__
+from transformers.integrations import hub_kernels  # the import that broke (CUDAProperties)
+print("ok", installed)
+"""
+
+
+def test_repository_root_on_sys_path_never_shadows_pypi_kernels():
+    assert not (ROOT / "kernels" / "__init__.py").exists()  # no regular package at the root
+    proc = subprocess.run(
+        [sys.executable, "-c", FROM_ROOT], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split()[0] == "ok"

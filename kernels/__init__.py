@@ -1,2 +1,0 @@
-"""slimops kernels: one folder per family, each with a paper-like PyTorch `reference.py`
-(the oracle every backend is tested against) beside its fast implementations."""
