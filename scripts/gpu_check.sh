@@ -9,7 +9,7 @@
 #   scripts/gpu_check.sh --out DIR               # anywhere else
 #   scripts/gpu_check.sh --dry-run --out DIR     # CPU: every step on tiny shapes, no build
 #                                                # (tests/test_gpu_check.py runs this)
-# Steps, in order: env build tests e2e hessian obs slice_gemm shaped_7b prune_7b throughput
+# Steps, in order: env build tests e2e torchrun hessian obs slice_gemm shaped_7b prune_7b throughput
 # bench_prune (prune_7b falls back to magnitude when slimgpt fails, for the throughput).
 # Options: --steps a,b,c (run only these), --budget SECONDS (no step starts
 # once it is spent, so the summary always prints; default 480, dry run 900), --keep-models.
@@ -26,10 +26,10 @@
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-ALL_STEPS=(env build tests e2e hessian obs slice_gemm shaped_7b prune_7b throughput bench_prune)
+ALL_STEPS=(env build tests e2e torchrun hessian obs slice_gemm shaped_7b prune_7b throughput bench_prune)
 # Seconds each step may run on the GPU machine (the budget may cut a step's limit shorter).
 declare -A LIMIT=(
-    [env]=30 [build]=300 [tests]=180 [e2e]=120 [hessian]=90 [obs]=90 [slice_gemm]=90
+    [env]=30 [build]=300 [tests]=180 [e2e]=120 [torchrun]=120 [hessian]=90 [obs]=90 [slice_gemm]=90
     [shaped_7b]=120 [prune_7b]=180 [prune_7b_magnitude]=90 [throughput]=150 [bench_prune]=150
 )
 MIN_STEP=15 # a step is not started with fewer seconds than this left in the budget
@@ -163,6 +163,22 @@ step_e2e() {
     else
         "$PY" "$SCRATCH/e2e.py" cuda 32 128 "$OUT_DIR/e2e.json"
     fi
+}
+
+step_torchrun() { # 1-rank torchrun prune and sheared train on the GPU's process group: NCCL
+    # takes no CPU tensor even at world size 1, so a collective on the wrong device fails here
+    local model=slimops/assets/reference_model run=("$PY" -m torch.distributed.run --standalone
+        --nproc_per_node 1 -m slimops.cli)
+    "${run[@]}" prune "$model" --method slimgpt --ratio 0.2 --calib "$SCRATCH/calib.txt" \
+        --nsamples 4 --seqlen 32 --device "$DEVICE" --out "$SCRATCH/torchrun_pruned" \
+        --overwrite || return 1
+    mkdir -p "$SCRATCH/domains/docs" "$SCRATCH/domains/code"
+    cp README.md ARCHITECTURE.md "$SCRATCH/domains/docs/"
+    cat slimops/*.py >"$SCRATCH/domains/code/slimops.txt"
+    "${run[@]}" train "$model" --domains "$SCRATCH/domains" --out "$SCRATCH/torchrun_train" \
+        --overwrite --ratio 0.5 --prune-steps 2 --steps 2 --batch-size 2 --seqlen 32 \
+        --valid-windows 2 --eval-interval 2 --device "$DEVICE" || return 1
+    "$PY" -c "import slimops; slimops.load('$SCRATCH/torchrun_train'); print('torchrun: ok')"
 }
 
 step_hessian() {
@@ -429,6 +445,7 @@ wanted env && run_step env
 wanted build && run_step build
 wanted tests && run_step tests
 wanted e2e && run_step e2e
+wanted torchrun && run_step torchrun
 wanted hessian && run_step hessian
 wanted obs && run_step obs
 wanted slice_gemm && run_step slice_gemm

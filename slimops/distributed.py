@@ -31,17 +31,45 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
+def backend() -> str:
+    """The process-group backend: gloo for CPU tensors, plus nccl for CUDA ones with GPUs.
+    NCCL alone rejects CPU tensors, and the scalars methods sum (token counts, losses, search
+    fitness) are CPU tensors, so `nccl` by itself stopped every multi-GPU run at its first
+    collective; `cpu:gloo,cuda:nccl` routes each tensor to the backend of its device."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
 def init_from_env() -> bool:
-    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1);
-    gloo on CPU, nccl with GPUs. True when this process is part of a group."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1, or any
+    torchrun launch, so that a 1-rank torchrun on a GPU runs its collectives on NCCL too).
+    True when this process is part of a group."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if not launched:
         return False
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend())
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return True
+
+
+def collective_devices() -> set[str]:
+    """Device types the process group's backends take ("cpu", "cuda"); empty outside one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return set()
+    return {part.split(":")[0] for part in str(dist.get_backend_config()).split(",")}
+
+
+def _checked(t: torch.Tensor) -> torch.Tensor:
+    """Every collective goes through here: a tensor on a device the group's backends reject
+    fails now, with its device named, instead of deep inside NCCL or gloo."""
+    devices = collective_devices()
+    if t.device.type not in devices:
+        raise ValueError(
+            f"slimops: a collective got a {t.device.type} tensor, but the process group "
+            f"({dist.get_backend_config()}) takes only {', '.join(sorted(devices))} tensors"
+        )
+    return t
 
 
 def shard(tokens: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -59,13 +87,15 @@ def shard(tokens: torch.Tensor) -> tuple[torch.Tensor, str]:
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks in place (gloo needs CPU tensors, nccl CUDA ones)."""
-    if world()[1] > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    """Sum a tensor over ranks in place. Inside a group the collective runs at every world size
+    (a 1-rank GPU run still exercises NCCL), on a device its backends take (checked)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(_checked(t), op=dist.ReduceOp.SUM)
     return t
 
 
 def all_sum_float(x: float) -> float:
+    """Sum a Python number over ranks (through a CPU tensor: the gloo side of the group)."""
     return float(all_sum(torch.tensor([x], dtype=torch.float64))[0]) if world()[1] > 1 else x
 
 
@@ -74,7 +104,7 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     if world()[1] == 1:
         return [t]
     out = [torch.empty_like(t) for _ in range(world()[1])]
-    dist.all_gather(out, t.contiguous())
+    dist.all_gather(out, _checked(t.contiguous()))
     return out
 
 

@@ -82,3 +82,56 @@ def test_cli_under_torchrun_says_the_split_and_rank0_saves(saved_tiny_model, tmp
     assert proc.stdout.count("saved to") == 1  # rank 0 alone writes and prints
     report = json.loads((tmp_path / "r.json").read_text())
     assert abs(report["achieved_ratio"] - 0.3) <= 0.01 and (out / "config.json").is_file()
+
+
+# ---- collectives on the devices their backend takes (NCCL rejects CPU tensors) ---------------
+
+
+def test_with_gpus_the_group_is_gloo_for_cpu_and_nccl_for_cuda(monkeypatch):
+    """With NCCL alone, the CPU scalars methods sum (token counts, losses) stopped every
+    multi-GPU run at its first collective; the group must route CPU tensors to gloo."""
+    from slimops import distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda b, **kw: chosen.append(b))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.init_from_env() and chosen == ["cpu:gloo,cuda:nccl"]
+    chosen.clear()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a 1-rank torchrun joins a group too (GPU check)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert distributed.init_from_env() and chosen == ["cpu:gloo,cuda:nccl"]
+
+
+@pytest.fixture
+def gloo_group_of_one(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collectives_refuse_a_tensor_on_a_device_the_backend_rejects(
+    gloo_group_of_one, monkeypatch
+):
+    """One helper owns the collective device: a tensor its backend cannot take fails with a
+    one-line error naming the device, at every world size (NCCL refuses at size 1 too)."""
+    import torch.distributed as dist
+
+    from slimops import distributed
+
+    t = torch.ones(3)
+    assert torch.equal(distributed.all_sum(t), torch.ones(3))  # a CPU tensor on gloo: fine
+    with pytest.raises(ValueError, match="got a meta tensor"):
+        distributed.all_sum(torch.ones(3, device="meta"))
+    # The old init (`nccl` alone on a GPU machine): the CPU tensors callers sum are refused.
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: "cuda:nccl")
+    with pytest.raises(ValueError, match="got a cpu tensor.*takes only cuda"):
+        distributed.all_sum(torch.ones(3))

@@ -17,6 +17,7 @@ STEPS = [
     "build",
     "tests",
     "e2e",
+    "torchrun",
     "hessian",
     "obs",
     "slice_gemm",
