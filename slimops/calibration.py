@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 HUB_DATASETS = ("wikitext2", "c4")
@@ -103,7 +104,7 @@ def sample_from_model(
     pad = (start + 1) % len(tokenizer)
     device = next(model.parameters()).device
     out = []
-    for n in range(0, nsamples, batch_size):
+    for n in tqdm(range(0, nsamples, batch_size), desc="sampling calibration text", unit="batch"):
         b = min(batch_size, nsamples - n)
         prompt = torch.full((b, 1), start, dtype=torch.long, device=device)
         seq = model.generate(

@@ -204,7 +204,7 @@ def _add_demo(sub) -> None:
         "--eval-windows",
         type=int,
         default=512,
-        help="score this many 128-token test windows (0 = the whole test split)",
+        help="score this many 128-token windows of the shipped test text (at most 512)",
     )
 
 

@@ -50,8 +50,9 @@ def test_reference_model_is_trained(reference):
     assert ppl < 150, ppl  # an untrained model of this vocab scores ~4096
 
 
-@needs_corpus
-def test_demo_prunes_20_percent_with_small_ppl_change(tmp_path, capsys):
+def test_demo_prunes_20_percent_with_small_ppl_change(tmp_path, capsys, monkeypatch):
+    """The demo needs no corpus on the machine: it reads the excerpt shipped with slimops."""
+    monkeypatch.setattr(corpus, "find_corpus_dir", lambda: None)  # as on a fresh machine
     result = run_demo(ratio=0.2, out=str(tmp_path / "pruned"), eval_windows=32)
     report = result["report"]
     assert abs(report.achieved_ratio - 0.2) <= 0.01
@@ -59,11 +60,32 @@ def test_demo_prunes_20_percent_with_small_ppl_change(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| slimgpt 20% |" in printed
     assert "reference model: slimops/assets/reference_model\n" in printed  # same on every machine
+    assert "python3-doc excerpt in slimops/assets/demo_text" in printed
     import slimops
 
     model, tok = slimops.load(tmp_path / "pruned")
     ids = torch.tensor([tok("The os module", add_special_tokens=False)["input_ids"]])
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+
+
+@needs_corpus
+def test_shipped_demo_text_is_the_corpus_excerpt(reference):
+    """The shipped text is what scripts/make_demo_text.py builds from the corpus' own split
+    (train files only for calibration), and its test tokens are the corpus test split's first
+    512 windows: the windows the demo scored when it read the corpus."""
+    import runpy
+
+    from helpers import ROOT
+    from slimops import demo
+    from slimops.calibration import tokenize
+
+    build = runpy.run_path(str(ROOT / "scripts" / "make_demo_text.py"))
+    _, tok = reference
+    assert build["train_excerpt"]() == demo._shipped_text("train")
+    assert build["test_excerpt"](tok) == demo._shipped_text("test")
+    n = demo.EVAL_WINDOWS * demo.EVAL_SEQLEN
+    shipped = tokenize(demo._shipped_text("test"), tok)[:n]
+    assert torch.equal(shipped, tokenize(corpus.read_split("test"), tok)[:n])
 
 
 def test_data_free_calibration_is_quiet():
