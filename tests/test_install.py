@@ -52,7 +52,6 @@ def test_missing_extension_is_said_once_at_import():
     assert "not available" not in quiet.stderr
 
 
-
 # Run from the repository root exactly as users do (`python -c`/`python -m` put the root first
 # on sys.path). The top-level kernels/ folder must never be what `import kernels` finds: PyPI's
 # `kernels` (a dependency of transformers >= 5.25) is imported by transformers' hub kernels.

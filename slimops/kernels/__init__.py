@@ -15,8 +15,5 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 _CHECKOUT_KERNELS = _HERE.parents[1] / "kernels"
-if (
-    not (_HERE / "hessian").is_dir()
-    and (_CHECKOUT_KERNELS / "hessian" / "reference.py").is_file()
-):
+if not (_HERE / "hessian").is_dir() and (_CHECKOUT_KERNELS / "hessian" / "reference.py").is_file():
     __path__.append(str(_CHECKOUT_KERNELS))  # noqa: F821  (a package's own __path__)
