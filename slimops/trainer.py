@@ -226,6 +226,7 @@ def train(
     if shadow is not None:  # FSDP: gather the full weights into an unsharded copy
         shadow.to_empty(device=device)
         shadow.load_state_dict(_state_dicts(wrapped, optimizer, rank0_only=False)[0])
+        _copy_buffers(objective, shadow)
         objective = shadow
     return objective, log
 
@@ -235,6 +236,17 @@ def _meta_copy(objective: nn.Module) -> nn.Module:
     outside its registry (a frozen teacher) are shared, not copied."""
     outside = {id(v): v for v in vars(objective).values() if isinstance(v, nn.Module)}
     return copy.deepcopy(objective, memo=outside).to("meta")
+
+
+@torch.no_grad()
+def _copy_buffers(source: nn.Module, target: nn.Module) -> None:
+    """`to_empty` leaves every buffer uninitialised and load_state_dict restores only the
+    persistent ones: non-persistent buffers (rotary `inv_freq`, ...) come from the trained
+    objective, whose buffers FSDP leaves whole on every rank. (Without this, continued
+    pretraining after an FSDP pruning stage ran on garbage positions.)"""
+    trained = dict(source.named_buffers())
+    for name, buf in target.named_buffers():
+        buf.copy_(trained[name])
 
 
 def _due(step: int, cfg: TrainConfig) -> bool:

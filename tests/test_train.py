@@ -156,6 +156,7 @@ for mode in {modes!r}:  # "ddp", "fsdp", or "fsdp-resumed": killed after step 2,
     model, plan, log, _ = tiny_shear(state, steps=4, fsdp=fsdp)
     layers = [vars(lp) for lp in plan.layers]
     out[mode] = {{"state": model.state_dict(), "plan": (layers, plan.kept_hidden),
+                 "buffers": dict(model.named_buffers()),  # non-persistent ones too (inv_freq)
                  "losses": [s["loss"] for s in log["steps"]]}}
 if distributed.is_main():
     torch.save(out, {path!r})
@@ -189,6 +190,9 @@ def test_two_processes_equal_one(tmp_path):
         for k, v in one["state"].items():
             torch.testing.assert_close(two["state"][k], v, atol=1e-4, rtol=1e-4, msg=f"{mode} {k}")
         assert two["losses"] == pytest.approx(one["losses"], abs=1e-4)
+        assert two["buffers"].keys() == one["buffers"].keys(), mode
+        for k, v in one["buffers"].items():
+            torch.testing.assert_close(two["buffers"][k], v, msg=f"{mode} buffer {k}")
 
 
 # ---- the command line ----------------------------------------------------------------------
