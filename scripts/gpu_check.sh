@@ -68,6 +68,9 @@ else
     mkdir -p "$SCRATCH"
     OWN_SCRATCH=0
 fi
+# Every temporary file of the steps (torchrun's torchelastic_* rendezvous folders, inductor's
+# cache) goes under the scratch folder, so nothing outlives the run.
+mkdir -p "$SCRATCH/tmp" && export TMPDIR="$SCRATCH/tmp"
 export ROOT DRY OUT_DIR LOGS SCRATCH
 export PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -428,6 +431,7 @@ finish() {
     rm -f "$RESULTS"
     # logs.tar.gz instead of the logs folder: the device tool returns at most 8 files
     tar -czf "$OUT_DIR/logs.tar.gz" -C "$OUT_DIR" logs && rm -rf "$LOGS"
+    rm -rf "$SCRATCH/tmp"
     if [ "$OWN_SCRATCH" = 1 ] && [ "$KEEP_MODELS" = 0 ]; then
         rm -rf "$SCRATCH"
     fi
