@@ -142,6 +142,14 @@ def _state_dicts(wrapped, optimizer, rank0_only: bool) -> tuple[dict, dict]:
     return get_state_dict(wrapped, optimizer, options=opts)
 
 
+def _full_model_state(wrapped) -> dict:
+    """The whole model on every rank, for the returned copy; the optimizer state stays
+    sharded (get_state_dict would also gather every rank's full AdamW moments, 2x the model)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True))
+
+
 def _load_state(wrapped, optimizer, model_sd: dict, optim_sd: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -225,7 +233,7 @@ def train(
     log["mixture"] = mixture.history
     if shadow is not None:  # FSDP: gather the full weights into an unsharded copy
         shadow.to_empty(device=device)
-        shadow.load_state_dict(_state_dicts(wrapped, optimizer, rank0_only=False)[0])
+        shadow.load_state_dict(_full_model_state(wrapped))
         _copy_buffers(objective, shadow)
         objective = shadow
     return objective, log

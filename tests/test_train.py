@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from helpers import (
@@ -308,15 +309,29 @@ def test_prune_method_sheared_from_the_cli(saved_tiny_model, tmp_path):
     assert main(argv[:-2] + ["--target", "hidden=80", "--out", str(tmp_path / "x")]) == 2
 
 
-def test_slimops_train_under_torchrun(saved_tiny_model, tmp_path):
+def test_slimops_train_under_torchrun_fsdp_equals_ddp(saved_tiny_model, tmp_path):
+    """Both stages from the command line on 2 gloo processes: --fsdp gives DDP's losses step
+    by step (before the fix the continued-pretraining stage ran on uninitialised rotary
+    buffers) and the same saved weights."""
     root = write_domains(tmp_path / "domains")
-    out = tmp_path / "out"
-    proc = torchrun(["-m", "slimops.cli", *train_argv(saved_tiny_model, root, out, 2, 4)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "shear: world size 2, 2 of 4 sequences per rank per step" in proc.stderr
-    assert "train: world size 2, 2 of 4 sequences per rank per step" in proc.stderr
-    assert proc.stdout.count("saved to") == 1  # rank 0 alone writes
-    assert json.loads((out / "config.json").read_text())["hidden_size"] == 48
+    logs, weights = {}, {}
+    for mode, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        out = tmp_path / mode
+        argv = train_argv(saved_tiny_model, root, out, 3, 4, "--json", str(tmp_path / f"{mode}.json"))
+        proc = torchrun(["-m", "slimops.cli", *argv, *extra])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "shear: world size 2, 2 of 4 sequences per rank per step" in proc.stderr
+        assert "train: world size 2, 2 of 4 sequences per rank per step" in proc.stderr
+        assert proc.stdout.count("saved to") == 1  # rank 0 alone writes
+        assert json.loads((out / "config.json").read_text())["hidden_size"] == 48
+        logs[mode] = json.loads((tmp_path / f"{mode}.json").read_text())
+        weights[mode] = load_file(out / "model.safetensors")
+    for stage in ("shear", "cpt"):
+        ddp, fsdp = ([s["loss"] for s in logs[m][stage]["steps"]] for m in ("ddp", "fsdp"))
+        assert len(ddp) == 3 and fsdp == pytest.approx(ddp, rel=1e-3), stage
+    assert weights["fsdp"].keys() == weights["ddp"].keys()
+    for k, v in weights["ddp"].items():
+        torch.testing.assert_close(weights["fsdp"][k], v, atol=1e-4, rtol=1e-3, msg=k)
 
 
 def test_a_run_killed_after_the_pruning_stage_does_not_prune_again(tmp_path, monkeypatch):
