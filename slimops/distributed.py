@@ -72,6 +72,12 @@ def _checked(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def shard_bounds(n: int) -> tuple[int, int]:
+    """[start, end) of this rank's contiguous share of n samples."""
+    rank, size = world()
+    return rank * n // size, (rank + 1) * n // size
+
+
 def shard(tokens: torch.Tensor) -> tuple[torch.Tensor, str]:
     """This rank's contiguous share of the calibration windows and a line saying so."""
     rank, size = world()
@@ -80,10 +86,28 @@ def shard(tokens: torch.Tensor) -> tuple[torch.Tensor, str]:
         return tokens, f"calibrating on samples 0-{n - 1}"
     if n < size:
         raise ValueError(f"{n} calibration samples cannot be split over {size} ranks")
-    start, end = rank * n // size, (rank + 1) * n // size
-    return tokens[
-        start:end
-    ], f"world size {size}: rank {rank} calibrates on samples {start}-{end - 1}"
+    start, end = shard_bounds(n)
+    line = f"world size {size}: rank {rank} calibrates on samples {start}-{end - 1}"
+    return tokens[start:end], line
+
+
+def global_count(local: torch.Tensor) -> int:
+    """How many samples all ranks' shards (`shard`) hold together."""
+    return round(all_sum_float(local.shape[0]))
+
+
+def local_rows(local: torch.Tensor, indices) -> torch.Tensor:
+    """This rank's rows among the samples with these GLOBAL indices (sorted), from its shard.
+    A subset every rank chooses the same way (a seeded draw over global_count, the first n)
+    then gives the same sums over ranks as one process with all the samples; a rank may
+    hold none of them (a 0-row tensor)."""
+    start, end = shard_bounds(global_count(local))
+    return local[[i - start for i in indices if start <= i < end]]
+
+
+def first_rows(local: torch.Tensor, n: int) -> torch.Tensor:
+    """This rank's share of the first n samples over all ranks (tokens[:n] of one process)."""
+    return local_rows(local, range(min(n, global_count(local))))
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:

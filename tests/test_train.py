@@ -317,14 +317,15 @@ def test_slimops_train_under_torchrun_fsdp_equals_ddp(saved_tiny_model, tmp_path
     logs, weights = {}, {}
     for mode, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
         out = tmp_path / mode
-        argv = train_argv(saved_tiny_model, root, out, 3, 4, "--json", str(tmp_path / f"{mode}.json"))
+        log = tmp_path / f"{mode}.json"
+        argv = train_argv(saved_tiny_model, root, out, 3, 4, "--json", str(log))
         proc = torchrun(["-m", "slimops.cli", *argv, *extra])
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "shear: world size 2, 2 of 4 sequences per rank per step" in proc.stderr
         assert "train: world size 2, 2 of 4 sequences per rank per step" in proc.stderr
         assert proc.stdout.count("saved to") == 1  # rank 0 alone writes
         assert json.loads((out / "config.json").read_text())["hidden_size"] == 48
-        logs[mode] = json.loads((tmp_path / f"{mode}.json").read_text())
+        logs[mode] = json.loads(log.read_text())
         weights[mode] = load_file(out / "model.safetensors")
     for stage in ("shear", "cpt"):
         ddp, fsdp = ([s["loss"] for s in logs[m][stage]["steps"]] for m in ("ddp", "fsdp"))

@@ -71,6 +71,10 @@ class SearchConfig(PruneConfig):
     p_mask: float = 0.1  # per-layer mask (Alg. 1) mutation probability
     p_depth: float = 0.05  # per-layer drop / restore probability (search_depth)
     seed_allocation: bool = True  # also seed with slimgpt's OBS-error allocation widths
+    # the allocation seed's knobs, as slimgpt's: sequences for its gradient layer weights,
+    # and the cap on any layer's pruning ratio
+    gradient_samples: int = 16
+    max_layer_ratio: float = 0.9
     seed: int = 0
     align: int | None = None  # FFN width step (None: 1/32 of the FFN)
     percdamp: float = 0.01
@@ -95,8 +99,12 @@ class SearchConfig(PruneConfig):
 
 
 def _windows(tokens: torch.Tensor, n: int, rng: random.Random) -> torch.Tensor:
-    pick = sorted(rng.sample(range(tokens.shape[0]), min(n, tokens.shape[0])))
-    return tokens[pick]
+    """n windows drawn over the GLOBAL sample count, this rank's share of them: every rank
+    draws the same numbers whatever its shard size (a draw over the local count put the
+    ranks' generators out of step when the samples did not split evenly, and the search
+    diverged silently)."""
+    total = distributed.global_count(tokens)
+    return distributed.local_rows(tokens, sorted(rng.sample(range(total), min(n, total))))
 
 
 def mutant(
@@ -127,10 +135,16 @@ def allocation_seed(space: Space, model, adapter, stats, tokens, cfg: SearchConf
         sizes.append(space.params(i, space.full(i)))
     energies = [st.energy for st in stats]
     weights = allocation.layer_weights(
-        model, adapter, tokens[:16], energies, "gradient", cfg.batch_size, cfg.device
+        model,
+        adapter,
+        distributed.first_rows(tokens, cfg.gradient_samples),
+        energies,
+        "gradient",
+        cfg.batch_size,
+        cfg.device,
     )
     lines = [allocation.layer_curve(c.heads, c.ffn) for c in curves]
-    ratios = allocation.allocate(lines, sizes, weights, cfg.ratio * sum(sizes), 0.9)
+    ratios = allocation.allocate(lines, sizes, weights, cfg.ratio * sum(sizes), cfg.max_layer_ratio)
     for i, (c, r) in enumerate(zip(curves, ratios)):
         ls, target = space.layers[i], r * sizes[i]
         attn = allocation.best_split(c.heads, c.ffn, target)

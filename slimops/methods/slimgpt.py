@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .. import ops
+from .. import distributed, ops
 from ..kernels.hessian import reference as hessian_reference
 from ..models import get_adapter
 from ..plan import LayerPlan, PruningPlan
@@ -218,7 +218,7 @@ def obs_schedule(model, adapter, tokens: torch.Tensor, cfg: SlimGPTConfig) -> li
     weights = layer_weights(
         model,
         adapter,
-        tokens[: cfg.gradient_samples],
+        distributed.first_rows(tokens, cfg.gradient_samples),  # tokens[:n] of one process
         energies,
         cfg.layer_weights,
         cfg.batch_size,
