@@ -137,11 +137,12 @@ class Mixture:
             raise ValueError(f"mixture init must be uniform or tokens, got {init!r}")
         return cls([d.name for d in domains], w / w.sum(), **kw)
 
-    def update(self, step: int, losses: torch.Tensor) -> None:
-        """Record the eval losses; if dynamic, move the weights toward lagging domains."""
+    def update(self, step: int, losses: torch.Tensor, move: bool = True) -> None:
+        """Record the eval losses; if dynamic (and `move`), move the weights toward lagging
+        domains."""
         losses = losses.double().cpu()
         excess = None
-        if self.dynamic:
+        if self.dynamic and move:
             if self.reference is None:
                 raise ValueError("dynamic batch loading needs reference losses")
             excess = losses - self.reference

@@ -11,7 +11,8 @@ Distributed: under torchrun the objective is wrapped in DDP (or FSDP2's fully_sh
 --fsdp, each decoder layer its own unit); every rank draws the same global batch (a pure
 function of seed, step and the domain weights, slimops.domains) and trains on its
 contiguous share, so gradients average to the single-process ones. Evaluation runs on every
-rank over the whole validation set: every rank updates the domain weights identically.
+rank over the whole validation set and the per-domain losses are averaged over the ranks:
+every rank updates the domain weights identically.
 
 Resume: every save_interval steps rank 0 writes model, optimizer, step, domain weights and
 the log to state_dir/train_state.pt (temp file + rename). A killed run restarted with the
@@ -110,12 +111,15 @@ def sequence_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def domain_losses(module, domains: list[Domain], batch_size: int, device) -> torch.Tensor:
-    """Mean next-token loss of each domain's validation windows (float64, CPU)."""
+    """Mean next-token loss of each domain's validation windows (float64, CPU). Every rank
+    evaluates every window (FSDP needs the same forwards on all ranks); the ranks' results
+    are then averaged, so all ranks hold the very same numbers and draw the same mixture
+    even where kernels are not bitwise reproducible across devices."""
     out = []
     for d in domains:
         losses = [module(w.to(device), None) for w in d.valid.split(batch_size)]
         out.append(torch.cat(losses).double().mean().cpu())
-    return torch.stack(out)
+    return distributed.all_sum(torch.stack(out)) / distributed.world()[1]
 
 
 def _wrap(objective: nn.Module, cfg: TrainConfig, device) -> nn.Module:
@@ -202,10 +206,10 @@ def train(
             file=sys.stderr,
             flush=True,
         )
+    if start == 0:  # the stage's starting losses, for the log: the weights do not move on them
+        mixture.update(0, domain_losses(wrapped, domains, local, device), move=False)
     bar = tqdm(range(start, cfg.steps), desc=desc, unit="step", disable=not distributed.is_main())
     for step in bar:
-        if step % cfg.eval_interval == 0:
-            mixture.update(step, domain_losses(wrapped, domains, local, device))
         tic = time.perf_counter()
         ids, _ = draw_batch(domains, mixture.weights, cfg.batch_size, cfg.seed, step)
         ids = ids[rank * local : (rank + 1) * local].to(device)
@@ -225,11 +229,15 @@ def train(
         log["steps"].append(record)
         log["wall_s"] += record["seconds"]
         bar.set_postfix({k: v for k, v in record.items() if k in _SHOWN})
+        if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps:
+            # dynamic batch loading, after every eval_interval steps of training and once at
+            # the stage's end (the official callback's schedule: not at step 0, whose losses
+            # are those of untrained masks, and once at a stage boundary)
+            mixture.update(step + 1, domain_losses(wrapped, domains, local, device))
         if state_path is not None and _due(step, cfg):
             _save_state(state_path, wrapped, optimizer, mixture, log, step + 1)
         if stop_after is not None and step + 1 >= stop_after:
             return objective, log
-    mixture.update(cfg.steps, domain_losses(wrapped, domains, local, device))
     log["mixture"] = mixture.history
     if shadow is not None:  # FSDP: gather the full weights into an unsharded copy
         shadow.to_empty(device=device)

@@ -72,6 +72,50 @@ def test_batches_are_a_pure_function_and_follow_the_weights():
     assert abs(which.float().mean().item() - 0.1) < 0.03
 
 
+def test_domain_weights_move_after_training_and_once_at_the_stage_boundary():
+    """The official dynamic-loading callback's schedule: every stage logs its starting losses
+    without moving the weights (step 0's are those of untrained masks), moves them after every
+    eval_interval steps and at its end, and the next stage starts from them unmoved."""
+    from slimops.methods.sheared import ShearedConfig
+    from slimops.train import MixtureOptions, shear_and_train
+
+    model = make_tiny_model("llama", layers=2, perturb=True)
+    cfg = ShearedConfig(target="hidden=48,heads=2,kv_heads=1,ffn=96", prune_steps=4)
+    cpt = TrainConfig(steps=4, batch_size=2, lr=1e-3, eval_interval=2)
+    options = MixtureOptions(reference=torch.zeros(3, dtype=torch.float64))  # every domain lags
+    _, _, log = shear_and_train(model, tiny_domains(), cfg, cpt, options)
+    shear, train = log["shear"]["mixture"], log["cpt"]["mixture"]
+    assert [e["step"] for e in shear] == [e["step"] for e in train] == [0, 2, 4]
+    assert shear[0]["excess"] is None and shear[0]["weights"] == [1 / 3] * 3
+    assert train[0]["excess"] is None and train[0]["weights"] == shear[-1]["weights"]
+    for before, after in zip(shear[:-1] + train[:-1], shear[1:] + train[1:]):
+        assert after["excess"] is not None and after["weights"] != before["weights"]
+
+
+DOMAIN_LOSSES_SCRIPT = """
+import torch
+from slimops import distributed
+from slimops.domains import Domain
+from slimops.trainer import domain_losses
+distributed.init_from_env()
+rank = distributed.world()[0]
+domains = [Domain(n, torch.zeros(2, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long))
+           for n in "ab"]
+# a rank-dependent evaluation, as kernels that are not bitwise reproducible across devices
+fake = lambda ids, step: torch.full((ids.shape[0],), 1.0 + 0.25 * rank)
+torch.save(domain_losses(fake, domains, 2, "cpu"), {out!r} + f".{{rank}}")
+"""
+
+
+def test_every_rank_gets_the_same_domain_losses(tmp_path):
+    script = tmp_path / "losses.py"
+    script.write_text(DOMAIN_LOSSES_SCRIPT.format(out=str(tmp_path / "losses")))
+    proc = torchrun([str(script)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"losses.{r}") for r in (0, 1)]
+    assert ranks[0].tolist() == ranks[1].tolist() == [1.125, 1.125]
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
