@@ -136,21 +136,12 @@ def _check_target(config, shear_cfg) -> None:
 def _progress_folder(args) -> Path:
     """OUT.progress/, tied to every setting of this run: a folder a run with other settings
     left is refused, not mixed in (the prune command's --resume does the same)."""
-    from . import distributed
+    from .run_state import RunState
 
     out = Path(args.out)
     folder = out.with_name(out.name + ".progress")
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "json")}
-    settings = json.loads(json.dumps(settings, default=str))
-    record = folder / "settings.json"
-    if record.is_file() and json.loads(record.read_text()) != settings:
-        raise ValueError(
-            f"{folder} holds progress of a run with other settings; delete it or use the same"
-        )
-    distributed.barrier()  # every rank has compared before rank 0 writes
-    if distributed.is_main():
-        folder.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(settings))
+    RunState(folder, settings).claim()
     return folder
 
 

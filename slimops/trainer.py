@@ -15,7 +15,8 @@ rank over the whole validation set and the per-domain losses are averaged over t
 every rank updates the domain weights identically.
 
 Resume: every save_interval steps rank 0 writes model, optimizer, step, domain weights and
-the log to state_dir/train_state.pt (temp file + rename). A killed run restarted with the
+the log to state_dir/train_state.pt (run_state: durable, tied to the settings, which are
+checked before anything loads). A killed run restarted with the
 same settings continues at the saved step and draws the same batches and the same mask
 noise, so it ends where an unbroken run ends.
 """
@@ -29,7 +30,6 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .domains import Domain, Mixture, draw_batch
+from .run_state import RunState, same_on_every_rank
 
 STATE_FILE = "train_state.pt"
 # What the progress bar shows; the JSON log keeps every metric of every step.
@@ -163,12 +164,9 @@ def _load_state(wrapped, optimizer, model_sd: dict, optim_sd: dict) -> None:
     )
 
 
-def _save(path: Path, record: dict) -> None:
+def _save(run: RunState, record: dict) -> None:
     if distributed.is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(record, tmp)
-        os.replace(tmp, path)
+        run.write(STATE_FILE, lambda tmp: torch.save(record, tmp))
     distributed.barrier()
 
 
@@ -188,6 +186,10 @@ def train(
     rank, world = distributed.world()
     if cfg.batch_size % world:  # checked here: the config may predate joining the group
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {world}")
+    run = None
+    if state_dir is not None:  # another run's state is refused before anything is loaded
+        run = RunState(state_dir, {"config": asdict(cfg), "world_size": world})
+        run.claim()
     shadow = _meta_copy(objective) if cfg.fsdp and world > 1 else None
     objective.to(device)
     wrapped = _wrap(objective, cfg, device)
@@ -196,8 +198,7 @@ def train(
         g["initial_lr"] = g["lr"]
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     log = {"config": asdict(cfg), "world_size": world, "steps": [], "wall_s": 0.0}
-    state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
-    start = _resume(state_path, wrapped, optimizer, mixture, log)
+    start = _resume(run, wrapped, optimizer, mixture, log)
     local = cfg.batch_size // world
     if distributed.is_main():
         print(
@@ -234,8 +235,8 @@ def train(
             # the stage's end (the official callback's schedule: not at step 0, whose losses
             # are those of untrained masks, and once at a stage boundary)
             mixture.update(step + 1, domain_losses(wrapped, domains, local, device))
-        if state_path is not None and _due(step, cfg):
-            _save_state(state_path, wrapped, optimizer, mixture, log, step + 1)
+        if run is not None and _due(step, cfg):
+            _save_state(run, wrapped, optimizer, mixture, log, step + 1)
         if stop_after is not None and step + 1 >= stop_after:
             return objective, log
     log["mixture"] = mixture.history
@@ -281,20 +282,18 @@ def _record(step, loss, metrics, tokens, seconds) -> dict:
     }
 
 
-def _save_state(path, wrapped, optimizer, mixture, log, next_step) -> None:
+def _save_state(run, wrapped, optimizer, mixture, log, next_step) -> None:
     model_sd, optim_sd = _state_dicts(wrapped, optimizer, rank0_only=True)
     record = {"step": next_step, "model": model_sd, "optim": optim_sd}
-    _save(path, record | {"mixture": mixture.state_dict(), "log": json.dumps(log)})
+    _save(run, record | {"mixture": mixture.state_dict(), "log": json.dumps(log)})
 
 
-def _resume(path, wrapped, optimizer, mixture, log) -> int:
-    if path is None or not path.is_file():
+def _resume(run, wrapped, optimizer, mixture, log) -> int:
+    """The step to start at, with the saved state loaded (the settings were checked)."""
+    if run is None or not same_on_every_rank(run.folder / STATE_FILE):
         return 0
-    state = torch.load(path, weights_only=False)
+    state = torch.load(run.folder / STATE_FILE, weights_only=False)
     _load_state(wrapped, optimizer, state["model"], state["optim"])
     mixture.load_state_dict(state["mixture"])
-    saved = json.loads(state["log"])
-    if saved["config"] != log["config"] or saved["world_size"] != log["world_size"]:
-        raise ValueError(f"{path} is from a run with other settings ({saved['config']}); delete it")
-    log.update(saved)
+    log.update(json.loads(state["log"]))
     return state["step"]

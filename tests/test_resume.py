@@ -69,9 +69,8 @@ def test_progress_of_other_settings_is_refused(setup, capsys):
     tmp, args = setup
     folder = tmp / "out.progress"
     folder.mkdir()
-    (folder / "progress.json").write_text(
-        json.dumps({"done": 1, "state": {}, "fingerprint": {"ratio": 0.9}})
-    )
+    (folder / "fingerprint.json").write_text(json.dumps({"ratio": 0.9}))
+    (folder / "progress.json").write_text(json.dumps({"done": 1, "state": {}}))
     assert main(args(tmp / "out")) == 2
     assert "other settings" in capsys.readouterr().err
 

@@ -278,7 +278,7 @@ def test_slimops_train_end_to_end(saved_tiny_model, tmp_path, capsys):
     assert (out / "domain_weights.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "out.progress").exists()  # done: the progress folder is removed
     (tmp_path / "other.progress").mkdir()  # a killed run with other settings left this
-    (tmp_path / "other.progress" / "settings.json").write_text("{}")
+    (tmp_path / "other.progress" / "fingerprint.json").write_text("{}")
     assert main(train_argv(saved_tiny_model, root, tmp_path / "other", 4, 2, "--resume")) == 2
     assert "other settings" in capsys.readouterr().err
     AutoModelForCausalLM.from_pretrained(out)
