@@ -72,6 +72,24 @@ def test_top_keeps_the_most_salient(space_and_model):
 
 
 @torch.no_grad()
+def test_the_refit_cache_is_bounded_and_changes_no_result(space_and_model):
+    from slimops.methods.search_eval import Compensator
+
+    model, adapter, stats = space_and_model
+    space = Space([s.space for s in stats], 0, "params", 0.35)
+    pop, _ = search.initial_population(
+        space, search.SearchConfig(ratio=0.35, **FAST), random.Random(3)
+    )
+    genes = [(i, g) for cand in pop for i, g in enumerate(cand)]
+    free, small = Compensator(adapter, stats, "cpu"), Compensator(adapter, stats, "cpu", 0.05)
+    for i, g in genes + genes:
+        for role, W in free(i, g).items():
+            torch.testing.assert_close(small(i, g)[role], W, rtol=0, atol=0)
+        assert small.cache_bytes <= 0.05 * 2**20 or len(small.cache) == 1
+    assert len(small.cache) < len(free.cache)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("compensate", [False, True])
 def test_fitness_equals_the_materialised_model(space_and_model, compensate):
     """ppl from slice_gemm views with prefix reuse == ppl of a sliced copy (compensated

@@ -255,3 +255,15 @@ def test_a_hidden_slicing_plan_must_be_uniform_and_is_refused_before_any_change(
         apply_plan(model, plan)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_corrupt_target_json_and_bad_saliency_options_fail_in_one_line(tmp_path):
+    from slimops.methods.sheared import ShearedConfig, parse_target
+
+    bad = tmp_path / "target.json"
+    bad.write_text('{"hidden_size": 48,')  # truncated
+    with pytest.raises(ValueError, match="target.json: not a JSON config"):
+        parse_target(str(bad), Shape(64, 2, 4, 2, 128))
+    for options in ({"saliency_windows": 0}, {"percdamp": -0.1}):
+        with pytest.raises(ValueError, match="saliency_windows must be >= 1"):
+            ShearedConfig(ratio=0.5, **options)

@@ -78,7 +78,7 @@ class SearchConfig(PruneConfig):
     seed: int = 0
     align: int | None = None  # FFN width step (None: 1/32 of the FFN)
     percdamp: float = 0.01
-    cache_mb: float = 1024  # prefix-reuse cache of hidden states
+    cache_mb: float = 1024  # each of the two LRU caches: hidden states, refit weights
 
     def __post_init__(self):
         super().__post_init__()
@@ -275,7 +275,7 @@ def prune(model, tokens: torch.Tensor, cfg: SearchConfig, adapter=None) -> Pruni
         cfg.fitness,
         cfg.device,
         cfg.batch_size,
-        Compensator(adapter, stats, cfg.device) if cfg.compensate else None,
+        Compensator(adapter, stats, cfg.device, cfg.cache_mb) if cfg.compensate else None,
         cfg.cache_mb,
     )
     search_start = time.perf_counter()

@@ -28,28 +28,42 @@ from .obs_solver import refit
 
 
 class Compensator:
-    """Refit o_proj / down_proj kept columns of a layer gene (cached per gene)."""
+    """Refit o_proj / down_proj kept columns of a layer gene, cached per gene in an LRU
+    bounded in bytes (a refit is two dense weight matrices: on a 7B model ~0.2 GB, and a
+    search meets thousands of genes)."""
 
-    def __init__(self, adapter, stats, device):
+    def __init__(self, adapter, stats, device, cache_mb: float = 1024):
         self.adapter, self.stats, self.device = adapter, stats, device
-        self.cache: dict = {}
+        self.cache: OrderedDict = OrderedDict()
+        self.cache_bytes, self.cache_limit = 0, cache_mb * 2**20
 
     def __call__(self, i: int, gene) -> dict:
         key = (i, gene.heads, gene.channels)
-        if key not in self.cache:
-            layer, st = self.adapter.layers()[i], self.stats[i]
-            o, down = self.adapter.o_proj(layer), self.adapter.down_proj(layer)
-            cols = head_rows(list(gene.heads), self.adapter.head_dim)
-            ch = torch.as_tensor(gene.channels, dtype=torch.long)
-            self.cache[key] = {
-                "o": refit(o.weight.float(), st.H_o.to(self.device), cols.to(self.device)).to(
-                    o.weight.dtype
-                ),
-                "down": refit(
-                    down.weight.float(), st.H_down.to(self.device), ch.to(self.device)
-                ).to(down.weight.dtype),
-            }
+        if key in self.cache:
+            self.cache.move_to_end(key)
+        else:
+            self._store(key, self._refit(i, gene))
         return self.cache[key]
+
+    def _store(self, key, refits: dict) -> None:
+        self.cache[key] = refits
+        self.cache_bytes += _nbytes(refits)
+        while self.cache_bytes > self.cache_limit and len(self.cache) > 1:
+            self.cache_bytes -= _nbytes(self.cache.popitem(last=False)[1])
+
+    def _refit(self, i: int, gene) -> dict:
+        layer, st = self.adapter.layers()[i], self.stats[i]
+        o, down = self.adapter.o_proj(layer), self.adapter.down_proj(layer)
+        cols = head_rows(list(gene.heads), self.adapter.head_dim).to(self.device)
+        ch = torch.as_tensor(gene.channels, dtype=torch.long, device=self.device)
+        return {
+            "o": refit(o.weight.float(), st.H_o.to(self.device), cols).to(o.weight.dtype),
+            "down": refit(down.weight.float(), st.H_down.to(self.device), ch).to(down.weight.dtype),
+        }
+
+
+def _nbytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 class Evaluator:

@@ -81,6 +81,10 @@ class ShearedConfig(PruneConfig):
     distill: float = field(
         default=0.0, metadata={"help": "weight of a KL term to the dense model (0: CE only)"}
     )
+    # --init saliency: the first N train windows of every domain feed the saliency pass, whose
+    # Hessians get percdamp (search's and slimgpt's dampening, 1% of the mean diagonal)
+    saliency_windows: int = 8
+    percdamp: float = 0.01
     seed: int = 0
 
     def __post_init__(self):
@@ -91,6 +95,8 @@ class ShearedConfig(PruneConfig):
             raise ValueError("target_warmup must be in [0, 1] and distill >= 0")
         if self.init not in ("droprate", "saliency"):
             raise ValueError(f"init must be droprate or saliency, got {self.init!r}")
+        if self.saliency_windows < 1 or self.percdamp < 0:
+            raise ValueError("saliency_windows must be >= 1 and percdamp >= 0")
 
 
 # ---- target shapes ----------------------------------------------------------------------
@@ -100,7 +106,10 @@ def parse_target(text: str, source: Shape) -> Shape:
         path = Path(text)
         if not path.is_file():
             raise FileNotFoundError(f"--target {text}: no such file")
-        cfg = json.loads(path.read_text())
+        try:
+            cfg = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"--target {text}: not a JSON config ({e})") from None
         given = {field: cfg[key] for field, key in _CONFIG_KEYS.items() if key in cfg}
     else:
         given = {}
@@ -275,7 +284,13 @@ def shear(
     target = resolve_target(cfg, geometry, model.config)  # refused shapes fail before training
     masks = ShearedMasks(geometry, cfg.droprate_init, cfg.seed)
     if cfg.init == "saliency":
-        saliency_init(masks, model, adapter, torch.cat([d.train[:8] for d in domains]), cfg)
+        saliency_init(
+            masks,
+            model,
+            adapter,
+            torch.cat([d.train[: cfg.saliency_windows] for d in domains]),
+            cfg,
+        )
     teacher = None
     if cfg.distill > 0:
         teacher = copy.deepcopy(model).eval().requires_grad_(False).to(cfg.device)
@@ -319,7 +334,13 @@ def saliency_init(masks: ShearedMasks, model, adapter, tokens: torch.Tensor, cfg
     from .saliency import dense_pass
 
     stats, _ = dense_pass(
-        model, adapter, tokens, 0.01, tokens.shape[1], "sheared: saliency", device=cfg.device
+        model,
+        adapter,
+        tokens,
+        cfg.percdamp,
+        tokens.shape[1],
+        "sheared: saliency",
+        device=cfg.device,
     )
     start = math.log(1 - cfg.droprate_init) - math.log(cfg.droprate_init)
     for i, st in enumerate(stats):
