@@ -16,9 +16,9 @@ global threshold, taylor's gradients, search's fitness, schedule "obs") do not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -102,9 +102,10 @@ def _materialise(module: nn.Module, name: str, weights: ShardedWeights, dtype, c
 
 class ShardSource:
     """sequential.run_sequential's layer source: read layer i from the shards; after it is
-    pruned, slice it to its plan, write it as shard i of the output and free it."""
+    pruned, slice it to its plan, write it as shard i of the output and free it. With out=None
+    (the ranks of a torchrun other than rank 0) nothing is written."""
 
-    def __init__(self, model, weights: ShardedWeights, out: Path, dtype: torch.dtype):
+    def __init__(self, model, weights: ShardedWeights, out: Path | None, dtype: torch.dtype):
         self.adapter = get_adapter(model)
         self.weights, self.out, self.dtype = weights, out, dtype
         self.prefix = _prefix_of(model, self.adapter.layers())
@@ -124,14 +125,17 @@ class ShardSource:
             f"{self.prefix}.{i}.{k}": v.detach().to("cpu", self.weights.saved_dtype).contiguous()
             for k, v in layer.state_dict().items()
         }
-        shard = f"model-layer-{i:05d}.safetensors"
-        save_file(tensors, str(self.out / shard), metadata={"format": "pt"})
-        self.weight_map.update(dict.fromkeys(tensors, shard))
         self.params.append(sum(p.numel() for p in layer.parameters()))
+        if self.out is not None:
+            shard = f"model-layer-{i:05d}.safetensors"
+            save_file(tensors, str(self.out / shard), metadata={"format": "pt"})
+            self.weight_map.update(dict.fromkeys(tensors, shard))
         layers[i] = layer.to("meta")  # the next layer may now be read
 
     def write_rest(self) -> None:
         """Everything outside the layers, copied tensor by tensor from the source shards."""
+        if self.out is None:
+            return
         rest = {
             k: self.weights.get(k)
             for k in self.weights.where
@@ -180,15 +184,18 @@ def prune_streamed(
     total_before = model.num_parameters()
     reset_peak_memory(device)
     start = time.perf_counter()
-    # every rank of a torchrun prunes the same layers; rank 0 alone writes --out
-    folder = atomic_folder(out, overwrite) if is_main() else tempfile.TemporaryDirectory()
+    # every rank of a torchrun prunes the same layers; rank 0 alone writes --out (the others
+    # write nothing at all: no copy of the model in a temp folder)
+    folder = atomic_folder(out, overwrite) if is_main() else contextlib.nullcontext()
     with folder as tmp:
-        tmp = Path(tmp)
+        tmp = Path(tmp) if tmp is not None else None
         source = ShardSource(model, weights, tmp, dtype)
         plan = get_method(method).prune(
             model, tokens, cfg, adapter, progress=progress, source=source
         )
         source.write_rest()
+        if tmp is None:
+            return plan, _report(method, ratio, before, source, total_before, start, device, plan)
         shutil.copy(Path(path) / "config.json", tmp / "config.json")
         finish_folder(
             tmp,
@@ -199,18 +206,20 @@ def prune_streamed(
             tokenizer,
             plan,
         )
-    wall = time.perf_counter() - start
+    return plan, _report(method, ratio, before, source, total_before, start, device, plan)
+
+
+def _report(method, ratio, before, source, total_before, start, device, plan) -> PruneReport:
     removed = sum(before) - sum(source.params)
-    report = PruneReport(
+    return PruneReport(
         method,
         ratio,
         sum(before),
         sum(source.params),
         total_before,
         total_before - removed,
-        wall,
+        time.perf_counter() - start,
         peak_memory_mb(device),
         plan.shapes(),
         {**plan.info, "streamed": True},
     )
-    return plan, report

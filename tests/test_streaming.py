@@ -61,6 +61,18 @@ def test_streamed_equals_in_memory_and_reloads(sharded, tmp_path, family, monkey
         torch.testing.assert_close(loaded(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_ranks_other_than_rank_0_write_nothing(sharded, tmp_path, monkeypatch):
+    """Under torchrun every rank prunes the same layers; only rank 0 writes (before, the
+    others wrote a whole copy of the model into a temp folder)."""
+    model, folder = sharded("llama")
+    monkeypatch.setattr(streaming, "is_main", lambda: False)
+    monkeypatch.setattr(streaming, "save_file", lambda *a, **k: pytest.fail("a rank wrote"))
+    plan, report = streaming.prune_streamed(folder, calib(), tmp_path / "out", None, "slimgpt", 0.4)
+    plan_ref, report_ref = prune_model(copy.deepcopy(model), calib(), "slimgpt", 0.4)
+    assert plan.layers == plan_ref.layers and not (tmp_path / "out").exists()
+    assert report.decoder_params_after == report_ref.decoder_params_after
+
+
 def test_cli_stream_with_resume(sharded, tmp_path):
     _, folder = sharded("llama")
     text = tmp_path / "calib.txt"
