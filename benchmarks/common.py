@@ -346,7 +346,7 @@ def add_shared_args(
 
 
 # The model-shape options: (default, the LlamaConfig field it sets). The defaults, SHAPE, are
-# the README throughput table's model.
+# the throughput table of docs/results.md's model.
 SHAPE_OPTIONS = {
     "hidden": (1024, "hidden_size"),
     "ffn": (2816, "intermediate_size"),

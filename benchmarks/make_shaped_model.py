@@ -5,8 +5,9 @@ where only the shapes matter (prune it, then `slimops bench dense pruned`).
     python benchmarks/make_shaped_model.py --preset llama-7b --out /tmp/l7b  # GPU, bf16
 
 Defaults: hidden 1024, FFN 2816, 16 query / 4 KV heads, 8 layers, vocab 4096, fp32 (the
-shape of the README throughput table). The tokenizer is the reference model's (slimops/assets/
-reference_model, 4096 ids), so a larger --vocab just has embedding rows no text reaches.
+shape of the throughput table in docs/results.md). The tokenizer is the reference model's
+(slimops/assets/reference_model, 4096 ids), so a larger --vocab just has embedding rows no
+text reaches.
 Weights are HF's init with std 0.02 (initializer_range), which keeps activations finite
 through 32 layers, drawn directly in --dtype: a 7B bf16 model is ~13.5 GB in memory once,
 never an fp32 copy (27 GB) first. Explicit options override a preset.

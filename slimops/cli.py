@@ -1,4 +1,4 @@
-"""`slimops prune | eval | bench | demo` (see README for examples)."""
+"""`slimops prune | eval | bench | demo` (examples: docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def _add_prune(sub) -> None:
         type=int,
         default=None,
         help="slimgpt: keep every layer's FFN width a multiple of N and whole KV "
-        "groups (default per device: off on CPU, 64 on CUDA; see README); "
+        "groups (default per device: off on CPU, 64 on CUDA; see docs/cli.md); "
         "search: the FFN width step",
     )
     p.add_argument("--json", help="also write the prune report as JSON here")

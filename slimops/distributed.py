@@ -8,7 +8,7 @@ method accumulates over calibration tokens is summed over ranks before it is use
 and makes the same decision; rank 0 alone writes the checkpoint and prints.
 
 Multi-node is the same program: `torchrun --nnodes M --nproc_per_node N --rdzv_backend c10d
---rdzv_endpoint HOST:PORT -m slimops.cli prune ...` (README). One process is world size 1,
+--rdzv_endpoint HOST:PORT -m slimops.cli prune ...` (docs/cli.md). One process is world size 1,
 and nothing here does anything.
 """
 

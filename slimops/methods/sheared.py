@@ -10,7 +10,7 @@ One AdamW (betas 0.9, 0.95, no weight decay) trains the weights (lr 1e-4), the l
 (lr 1.0) and, by gradient ascent, the lambdas (lr 1.0): the official values. The large mask
 and lambda rates are what lets the masks move within a short run; the weights keep the
 small fine-tuning rate. Optional `distill` adds KL(dense teacher || pruned) per token (the
-paper trains on CE only; CoFi-style distillation is an addition, measured in the README).
+paper trains on CE only; CoFi-style distillation is an addition, measured in docs/results.md).
 
 At the end each family keeps its top-scoring units (sigmoid(0.8 log_alpha / beta)), exactly
 the target shape, GQA-valid; kept gate values are folded into the weights and the model is
