@@ -23,6 +23,7 @@ noise, so it ends where an unbroken run ends.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -190,7 +191,8 @@ def train(
     if state_dir is not None:  # another run's state is refused before anything is loaded
         run = RunState(state_dir, {"config": asdict(cfg), "world_size": world})
         run.claim()
-    shadow = _meta_copy(objective) if cfg.fsdp and world > 1 else None
+    shadow = _meta_copy(objective) if cfg.fsdp and world > 1 else None  # in the model's dtypes
+    precision = MasterWeights(objective)
     objective.to(device)
     wrapped = _wrap(objective, cfg, device)
     groups = objective.param_groups(cfg)
@@ -208,7 +210,9 @@ def train(
             flush=True,
         )
     if start == 0:  # the stage's starting losses, for the log: the weights do not move on them
-        mixture.update(0, domain_losses(wrapped, domains, local, device), move=False)
+        with precision.autocast(device):
+            losses = domain_losses(wrapped, domains, local, device)
+        mixture.update(0, losses, move=False)
     bar = tqdm(range(start, cfg.steps), desc=desc, unit="step", disable=not distributed.is_main())
     for step in bar:
         tic = time.perf_counter()
@@ -216,7 +220,8 @@ def train(
         ids = ids[rank * local : (rank + 1) * local].to(device)
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr_factor(step, cfg)
-        loss, metrics = wrapped(ids, step)
+        with precision.autocast(device):
+            loss, metrics = wrapped(ids, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -234,18 +239,49 @@ def train(
             # dynamic batch loading, after every eval_interval steps of training and once at
             # the stage's end (the official callback's schedule: not at step 0, whose losses
             # are those of untrained masks, and once at a stage boundary)
-            mixture.update(step + 1, domain_losses(wrapped, domains, local, device))
+            with precision.autocast(device):
+                losses = domain_losses(wrapped, domains, local, device)
+            mixture.update(step + 1, losses)
         if run is not None and _due(step, cfg):
             _save_state(run, wrapped, optimizer, mixture, log, step + 1)
         if stop_after is not None and step + 1 >= stop_after:
-            return objective, log
+            return precision.restore(objective), log
     log["mixture"] = mixture.history
     if shadow is not None:  # FSDP: gather the full weights into an unsharded copy
         shadow.to_empty(device=device)
-        shadow.load_state_dict(_full_model_state(wrapped))
+        shadow.load_state_dict(_full_model_state(wrapped))  # cast to the model's dtypes
         _copy_buffers(objective, shadow)
-        objective = shadow
-    return objective, log
+        return shadow, log
+    return precision.restore(objective), log
+
+
+class MasterWeights:
+    """Mixed precision with fp32 master weights: parameters stored in bf16 / fp16 are trained
+    as fp32 copies (AdamW's update lands in fp32, where a bf16 weight of magnitude 0.02 loses
+    every step smaller than ~6e-5, half its ulp, so a small learning rate trained nothing),
+    the forwards run under autocast in the stored dtype, and restore() gives the parameters
+    back their dtype. No loss scaling: bf16 needs none; fp16 gradients may underflow."""
+
+    def __init__(self, objective: nn.Module):
+        low = (torch.bfloat16, torch.float16)
+        self.dtypes = {n: p.dtype for n, p in objective.named_parameters() if p.dtype in low}
+        self.compute = next(iter(self.dtypes.values()), None)
+        with torch.no_grad():
+            for n, p in objective.named_parameters():
+                if n in self.dtypes:
+                    p.data = p.data.float()
+
+    def autocast(self, device):
+        if self.compute is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(device).type, dtype=self.compute)
+
+    def restore(self, objective: nn.Module) -> nn.Module:
+        with torch.no_grad():
+            for n, p in objective.named_parameters():
+                if n in self.dtypes:
+                    p.data = p.data.to(self.dtypes[n])
+        return objective
 
 
 def _meta_copy(objective: nn.Module) -> nn.Module:
