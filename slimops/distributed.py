@@ -96,18 +96,19 @@ def global_count(local: torch.Tensor) -> int:
     return round(all_sum_float(local.shape[0]))
 
 
-def local_rows(local: torch.Tensor, indices) -> torch.Tensor:
-    """This rank's rows among the samples with these GLOBAL indices (sorted), from its shard.
-    A subset every rank chooses the same way (a seeded draw over global_count, the first n)
-    then gives the same sums over ranks as one process with all the samples; a rank may
-    hold none of them (a 0-row tensor)."""
-    start, end = shard_bounds(global_count(local))
+def local_rows(local: torch.Tensor, indices, total: int) -> torch.Tensor:
+    """This rank's rows among the samples with these GLOBAL indices (sorted), from its shard;
+    total = global_count(local). A subset every rank chooses the same way (a seeded draw over
+    the global count, the first n) then gives the same sums over ranks as one process with
+    all the samples; a rank may hold none of them (a 0-row tensor)."""
+    start, end = shard_bounds(total)
     return local[[i - start for i in indices if start <= i < end]]
 
 
 def first_rows(local: torch.Tensor, n: int) -> torch.Tensor:
     """This rank's share of the first n samples over all ranks (tokens[:n] of one process)."""
-    return local_rows(local, range(min(n, global_count(local))))
+    total = global_count(local)
+    return local_rows(local, range(min(n, total)), total)
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from . import distributed
 from .evaluation import search_report
 from .loading import DTYPES, load_model, load_tokenizer, resolve_model_path  # noqa: F401 (API)
 from .memory import reset_peak_rss, status_kb
-from .methods import METHODS, get_method, make_config
+from .methods import METHODS, check_streams, get_method, make_config
 from .models import get_adapter
 from .plan import PruningPlan
 from .slicing import apply_plan
@@ -76,6 +76,7 @@ def prune_model(
     schedule=None,
     device: str = "cpu",
     progress=None,
+    source=None,
     **options,
 ) -> tuple[PruningPlan, PruneReport]:
     """Prune `model` in place to the method's plan and slice it; returns plan and report.
@@ -84,9 +85,15 @@ def prune_model(
     slimgpt, its Incremental Pruning Ratio; uniform for the baselines; flap sets widths
     itself). options: the method config's fields (batch_size, percdamp, align, ...).
     Under torchrun (slimops.distributed) each rank calibrates on its share of `tokens`.
-    progress (slimops.progress.Progress): resume a killed run, save progress per layer."""
+    progress (slimops.progress.Progress): resume a killed run, save progress per layer.
+    source: where the layer-by-layer driver gets each layer from and puts it back
+    (sequential.InMemoryLayers by default; streaming.ShardSource reads it from safetensors
+    shards and writes it out sliced, `--stream`); with a source the layers are already
+    sliced when the method returns."""
     cfg = make_config(method, ratio, schedule, device, **options)  # bad options fail here
     chosen = get_method(method)
+    if source is not None:
+        check_streams(method, cfg)
     if chosen.trains:  # training splits each step's batch over the ranks itself
         split = f"world size {distributed.world()[1]}: every rank draws the same batches"
     else:
@@ -100,9 +107,10 @@ def prune_model(
     if progress is not None and not chosen.resumable:
         resumable = [n for n, m in METHODS.items() if m.resumable]
         raise ValueError(f"--resume is implemented for {', '.join(resumable)} only, not {method}")
-    extra = {"progress": progress} if progress is not None else {}
+    extra = {k: v for k, v in {"progress": progress, "source": source}.items() if v is not None}
     plan = chosen.prune(model, tokens, cfg, adapter, **extra)
-    apply_plan(model, plan)
+    if source is None:  # a layer source slices each layer as it goes back
+        apply_plan(model, plan)
     wall = time.perf_counter() - start
     report = PruneReport(
         method,

@@ -42,7 +42,7 @@ class Progress:
     def save_layer(self, index: int, layer: torch.nn.Module) -> None:
         """Layer `index` is pruned: write it, then the progress that points at it (the
         writing rank alone calls this)."""
-        if index == 0 or not (self.folder / FINGERPRINT).is_file():
+        if not (self.folder / FINGERPRINT).is_file():
             self.run.record()
         weights = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
         self.run.write(f"layer_{index}.safetensors", lambda tmp: save_file(weights, str(tmp)))

@@ -9,9 +9,11 @@ it is sliced) plus its OBS state and the calibration activations, never the whol
 The output folder is a normal checkpoint (sharded safetensors + index, per-layer config),
 written atomically like save_pruned.
 
-slimgpt with a formula schedule (log, linear, uniform, a list) streams: each layer is
-decided from its own inputs. Methods and schedules that need every layer at once (flap's
-global threshold, taylor's gradients, search's fitness, schedule "obs") do not.
+This is a layer source of the one pipeline (pipeline.prune_model(..., source=ShardSource)),
+not a pipeline of its own. slimgpt with a formula schedule (log, linear, uniform, a list)
+streams: each layer is decided from its own inputs (PruneConfig.streams). Methods and
+schedules that need every layer at once (flap's global threshold, taylor's gradients,
+search's fitness, schedule "obs") do not.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -30,9 +31,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .checkpoint import atomic_folder, finish_folder
 from .distributed import is_main
-from .methods import get_method, make_config
+from .methods import check_streams
 from .models import get_adapter, stock_class
-from .pipeline import PruneReport, peak_memory_mb, reset_peak_memory
+from .pipeline import prune_model
 from .slicing import slice_layer
 
 INDEX = "model.safetensors.index.json"
@@ -151,11 +152,7 @@ class ShardSource:
 
 def check_streamable(method: str, cfg, path) -> None:
     """Clear errors, before any work, for what --stream cannot do."""
-    if method != "slimgpt" or cfg.schedule == "obs":
-        raise ValueError(
-            "--stream supports slimgpt with schedule log, linear, uniform or a "
-            "list: flap, taylor, search and schedule obs need every layer at once"
-        )
+    check_streams(method, cfg)
     if str(path).endswith(".gguf") or not Path(path).is_dir():
         raise ValueError(f"--stream reads a local folder of safetensors shards, not {path}")
 
@@ -174,52 +171,22 @@ def prune_streamed(
     progress=None,
     **options,
 ):
-    """Prune the checkpoint at `path` into `out` one layer at a time; (plan, report)."""
-    cfg = make_config(method, ratio, schedule, device, **options)
-    check_streamable(method, cfg, path)
+    """Prune the checkpoint at `path` into `out` one layer at a time: pipeline.prune_model
+    with a ShardSource as its layer source; (plan, report)."""
     weights = ShardedWeights(path)
     model = meta_model(path, dtype, weights)
-    adapter = get_adapter(model)
-    before = [adapter.layer_params(layer) for layer in adapter.layers()]
-    total_before = model.num_parameters()
-    reset_peak_memory(device)
-    start = time.perf_counter()
     # every rank of a torchrun prunes the same layers; rank 0 alone writes --out (the others
     # write nothing at all: no copy of the model in a temp folder)
     folder = atomic_folder(out, overwrite) if is_main() else contextlib.nullcontext()
     with folder as tmp:
-        tmp = Path(tmp) if tmp is not None else None
         source = ShardSource(model, weights, tmp, dtype)
-        plan = get_method(method).prune(
-            model, tokens, cfg, adapter, progress=progress, source=source
+        plan, report = prune_model(
+            model, tokens, method, ratio, schedule, device, progress, source, **options
         )
         source.write_rest()
-        if tmp is None:
-            return plan, _report(method, ratio, before, source, total_before, start, device, plan)
-        shutil.copy(Path(path) / "config.json", tmp / "config.json")
-        finish_folder(
-            tmp,
-            adapter.family,
-            stock_class(model),
-            plan.shapes(),
-            adapter.head_dim,
-            tokenizer,
-            plan,
-        )
-    return plan, _report(method, ratio, before, source, total_before, start, device, plan)
-
-
-def _report(method, ratio, before, source, total_before, start, device, plan) -> PruneReport:
-    removed = sum(before) - sum(source.params)
-    return PruneReport(
-        method,
-        ratio,
-        sum(before),
-        sum(source.params),
-        total_before,
-        total_before - removed,
-        time.perf_counter() - start,
-        peak_memory_mb(device),
-        plan.shapes(),
-        {**plan.info, "streamed": True},
-    )
+        if tmp is not None:
+            shutil.copy(Path(path) / "config.json", tmp / "config.json")
+            family, head_dim = source.adapter.family, source.adapter.head_dim
+            finish_folder(tmp, family, stock_class(model), plan.shapes(), head_dim, tokenizer, plan)
+    report.info["streamed"] = True
+    return plan, report

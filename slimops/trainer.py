@@ -209,10 +209,13 @@ def train(
             file=sys.stderr,
             flush=True,
         )
-    if start == 0:  # the stage's starting losses, for the log: the weights do not move on them
+
+    def evaluate() -> torch.Tensor:  # every domain's eval loss, the same on every rank
         with precision.autocast(device):
-            losses = domain_losses(wrapped, domains, local, device)
-        mixture.update(0, losses, move=False)
+            return domain_losses(wrapped, domains, local, device)
+
+    if start == 0:  # the stage's starting losses, for the log: the weights do not move on them
+        mixture.update(0, evaluate(), move=False)
     bar = tqdm(range(start, cfg.steps), desc=desc, unit="step", disable=not distributed.is_main())
     for step in bar:
         tic = time.perf_counter()
@@ -239,9 +242,7 @@ def train(
             # dynamic batch loading, after every eval_interval steps of training and once at
             # the stage's end (the official callback's schedule: not at step 0, whose losses
             # are those of untrained masks, and once at a stage boundary)
-            with precision.autocast(device):
-                losses = domain_losses(wrapped, domains, local, device)
-            mixture.update(step + 1, losses)
+            mixture.update(step + 1, evaluate())
         if run is not None and _due(step, cfg):
             _save_state(run, wrapped, optimizer, mixture, log, step + 1)
         if stop_after is not None and step + 1 >= stop_after:

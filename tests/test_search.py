@@ -85,7 +85,7 @@ def test_the_refit_cache_is_bounded_and_changes_no_result(space_and_model):
     for i, g in genes + genes:
         for role, W in free(i, g).items():
             torch.testing.assert_close(small(i, g)[role], W, rtol=0, atol=0)
-        assert small.cache_bytes <= 0.05 * 2**20 or len(small.cache) == 1
+        assert small.cache.bytes <= 0.05 * 2**20 or len(small.cache) == 1
     assert len(small.cache) < len(free.cache)
 
 

@@ -59,6 +59,18 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
 
 
+def check_streams(name: str, cfg) -> None:
+    """ValueError unless this method and config can take its layers one at a time from a
+    layer source (`--stream`: PruneConfig.streams)."""
+    if not cfg.streams():
+        able = [n for n, m in METHODS.items() if m.config().streams()]
+        raise ValueError(
+            f"--stream: {name} with schedule {cfg.schedule!r} needs every layer at once; "
+            f"--stream supports {', '.join(able)} with a formula schedule (log, linear, "
+            "uniform or a list), not schedule obs"
+        )
+
+
 def option_fields() -> dict[str, dataclasses.Field]:
     """Every method option by name (first definition wins): the CLI makes one flag of each,
     so a new method's config fields are flags without touching cli.py."""

@@ -59,6 +59,12 @@ class PruneConfig:
         """sequential.run_sequential's device, batch_size and offload for this config."""
         return {"device": self.device, "batch_size": self.batch_size, "offload": self.offload}
 
+    def streams(self) -> bool:
+        """Whether each layer is decided from its own inputs alone, so the layers can come
+        one at a time from a layer source (--stream). Methods that need every layer at once
+        (a global threshold, gradients, a whole-model fitness) do not."""
+        return False
+
 
 @dataclass
 class UnitScores:

@@ -104,7 +104,7 @@ def _windows(tokens: torch.Tensor, n: int, rng: random.Random) -> torch.Tensor:
     ranks' generators out of step when the samples did not split evenly, and the search
     diverged silently)."""
     total = distributed.global_count(tokens)
-    return distributed.local_rows(tokens, sorted(rng.sample(range(total), min(n, total))))
+    return distributed.local_rows(tokens, sorted(rng.sample(range(total), min(n, total))), total)
 
 
 def mutant(

@@ -16,6 +16,7 @@ by roughly what they will score after reformation instead of by their raw masks.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,32 @@ from ..virtual import virtual_layer
 from .obs_solver import refit
 
 
+class ByteLRU(OrderedDict):
+    """An LRU dict bounded by the bytes of its values: `put` evicts the least recently used
+    entries (the new one too, if it alone is over the limit) and returns the value."""
+
+    def __init__(self, limit_mb: float, nbytes: Callable[[object], int]):
+        super().__init__()
+        self.limit, self.nbytes, self.bytes = limit_mb * 2**20, nbytes, 0
+
+    def get(self, key, default=None):
+        if key not in self:
+            return default
+        self.move_to_end(key)
+        return self[key]
+
+    def put(self, key, value):
+        self[key] = value
+        self.bytes += self.nbytes(value)
+        while self.bytes > self.limit and self:
+            self.bytes -= self.nbytes(self.popitem(last=False)[1])
+        return value
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 class Compensator:
     """Refit o_proj / down_proj kept columns of a layer gene, cached per gene in an LRU
     bounded in bytes (a refit is two dense weight matrices: on a 7B model ~0.2 GB, and a
@@ -34,22 +61,12 @@ class Compensator:
 
     def __init__(self, adapter, stats, device, cache_mb: float = 1024):
         self.adapter, self.stats, self.device = adapter, stats, device
-        self.cache: OrderedDict = OrderedDict()
-        self.cache_bytes, self.cache_limit = 0, cache_mb * 2**20
+        self.cache = ByteLRU(cache_mb, lambda refits: sum(map(_tensor_bytes, refits.values())))
 
     def __call__(self, i: int, gene) -> dict:
         key = (i, gene.heads, gene.channels)
-        if key in self.cache:
-            self.cache.move_to_end(key)
-        else:
-            self._store(key, self._refit(i, gene))
-        return self.cache[key]
-
-    def _store(self, key, refits: dict) -> None:
-        self.cache[key] = refits
-        self.cache_bytes += _nbytes(refits)
-        while self.cache_bytes > self.cache_limit and len(self.cache) > 1:
-            self.cache_bytes -= _nbytes(self.cache.popitem(last=False)[1])
+        cached = self.cache.get(key)
+        return cached if cached is not None else self.cache.put(key, self._refit(i, gene))
 
     def _refit(self, i: int, gene) -> dict:
         layer, st = self.adapter.layers()[i], self.stats[i]
@@ -60,10 +77,6 @@ class Compensator:
             "o": refit(o.weight.float(), st.H_o.to(self.device), cols).to(o.weight.dtype),
             "down": refit(down.weight.float(), st.H_down.to(self.device), ch).to(down.weight.dtype),
         }
-
-
-def _nbytes(tensors: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 class Evaluator:
@@ -89,7 +102,7 @@ class Evaluator:
                 "(distance to the dense embeddings)"
             )
         model.to(self.device)
-        self.batch_size, self.cache_limit = batch_size, cache_mb * 2**20
+        self.batch_size, self.cache_mb = batch_size, cache_mb
         self.gene_ids: dict = {}
         self.evaluated = self.layers_run = 0
         self.reset(tokens)
@@ -103,7 +116,7 @@ class Evaluator:
             tokens[i : i + self.batch_size].to(self.device)
             for i in range(0, tokens.shape[0], self.batch_size)
         ]
-        self.cache, self.cache_bytes = OrderedDict(), 0
+        self.cache = ByteLRU(self.cache_mb, _tensor_bytes)
         needs_reference = self.fitness == "kl" or not self.causal  # ppl needs the tokens only
         self.reference = (
             [self._reference(h) for h in self._dense_outputs()] if needs_reference else None
@@ -124,13 +137,11 @@ class Evaluator:
         return work.forward(hidden)
 
     @torch.no_grad()
-    def _final(self, i: int, cand) -> list[torch.Tensor]:
+    def _final(self, i: int, cand) -> torch.Tensor:
         """Hidden states after the last layer, from the longest cached prefix."""
         key = [self.gene_ids.setdefault(g, len(self.gene_ids)) for g in cand]
         start = next((k for k in range(len(cand), 0, -1) if (i, *key[:k]) in self.cache), 0)
-        hidden = self.cache[(i, *key[:start])] if start else self.inputs[i]
-        if start:
-            self.cache.move_to_end((i, *key[:start]))
+        hidden = self.cache.get((i, *key[:start])) if start else self.inputs[i]
         layers = self.adapter.layers()
         for k in range(start, len(cand)):
             gene = cand[k]
@@ -139,15 +150,8 @@ class Evaluator:
                 with virtual_layer(self.adapter, layers[k], gene.plan(), replace):
                     hidden = self._layer_forward(layers[k], hidden)
                 self.layers_run += 1
-            self._store((i, *key[: k + 1]), hidden)
+            self.cache.put((i, *key[: k + 1]), hidden)
         return hidden
-
-    def _store(self, key, hidden: torch.Tensor) -> None:
-        self.cache[key] = hidden
-        self.cache_bytes += hidden.numel() * hidden.element_size()
-        while self.cache_bytes > self.cache_limit and self.cache:
-            _, old = self.cache.popitem(last=False)
-            self.cache_bytes -= old.numel() * old.element_size()
 
     # ---- fitness ---------------------------------------------------------------------------
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:

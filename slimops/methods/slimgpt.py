@@ -71,6 +71,9 @@ class SlimGPTConfig(PruneConfig):
         if not self.ratio < self.max_layer_ratio < 1.0:
             raise ValueError(f"max_layer_ratio {self.max_layer_ratio} must lie in (ratio, 1)")
 
+    def streams(self) -> bool:  # schedule obs measures every layer's error curve first
+        return self.schedule != "obs"
+
 
 def prune_heads(
     solver,
