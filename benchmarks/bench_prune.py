@@ -30,7 +30,7 @@ def build_model(args):
 
 
 def run(model, tokens, args, reference: bool):
-    from slimops.methods import slimgpt
+    from slimops.methods.slimgpt import method as slimgpt
     from slimops.slicing import apply_plan
 
     cfg = slimgpt.SlimGPTConfig(

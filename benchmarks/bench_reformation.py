@@ -18,8 +18,9 @@ from bench_quality import Scorer, calibration_windows, split_text
 
 from common import add_args, write_json
 from slimops import slicing
-from slimops.methods import make_config, search
-from slimops.methods.reformation import reform
+from slimops.methods import make_config
+from slimops.methods.search import method as search
+from slimops.methods.search.reformation import reform
 from slimops.models import get_adapter
 from slimops.pipeline import load_model
 

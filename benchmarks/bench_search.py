@@ -21,10 +21,10 @@ import torch.nn.functional as F
 
 from common import add_args, device_string, write_json
 from slimops import calibration, corpus
-from slimops.methods import search
 from slimops.methods.saliency import dense_pass
-from slimops.methods.search_eval import Evaluator
-from slimops.methods.search_space import Space
+from slimops.methods.search import method as search
+from slimops.methods.search.fitness import Evaluator
+from slimops.methods.search.space import Space
 from slimops.models import get_adapter
 from slimops.pipeline import load_model
 from slimops.plan import PruningPlan

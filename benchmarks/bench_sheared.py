@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from slimops import domains as D
-from slimops.methods.sheared import ShearedConfig, resolve_target
-from slimops.methods.sheared_masks import Geometry
+from slimops.methods.sheared.masks import Geometry
+from slimops.methods.sheared.method import ShearedConfig, resolve_target
 from slimops.models import get_adapter
 from slimops.pipeline import load_model, prune_model
 from slimops.train import MixtureOptions, shear_and_train

@@ -12,7 +12,7 @@ _NOT_FLAGS = ("ratio", "schedule", "device", "batch_size", "offload", "seed")
 
 
 def add_train_parser(sub) -> None:
-    from .methods.sheared import ShearedConfig
+    from .methods.sheared.method import ShearedConfig
 
     p = sub.add_parser(
         "train",
@@ -94,7 +94,7 @@ def add_train_parser(sub) -> None:
 
 
 def _configs(args):
-    from .methods.sheared import ShearedConfig
+    from .methods.sheared.method import ShearedConfig
     from .train import MixtureOptions
     from .trainer import TrainConfig
 
@@ -126,7 +126,7 @@ def _configs(args):
 
 def _check_target(config, shear_cfg) -> None:
     """--target against the model's config, before any weights are read."""
-    from .methods.sheared import check_config_accepts, parse_target, source_shape
+    from .methods.sheared.method import check_config_accepts, parse_target, source_shape
 
     if shear_cfg is None or not shear_cfg.target:
         return

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from .models.base import Widths
+
 
 @dataclass
 class LayerPlan:
@@ -19,12 +21,12 @@ class LayerPlan:
     kept_channels: list[int]  # FFN channels (intermediate units) kept
     drop_layer: bool = False  # the whole layer removed (search's depth moves)
 
+    def widths(self) -> Widths:
+        return Widths(len(self.kept_heads), len(self.kept_kv_heads), len(self.kept_channels))
+
     def shape(self) -> dict:
-        return {
-            "num_attention_heads": len(self.kept_heads),
-            "num_key_value_heads": len(self.kept_kv_heads),
-            "intermediate_size": len(self.kept_channels),
-        }
+        """The layer's checkpoint config keys."""
+        return self.widths().config()
 
     def removed(self, num_heads: int, intermediate_size: int) -> tuple[list[int], list[int]]:
         """(query heads, FFN channels) this plan removes from a layer of the given widths."""

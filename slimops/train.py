@@ -25,7 +25,7 @@ import torch
 
 from . import distributed
 from .domains import Domain, Mixture
-from .methods.sheared import ShearedConfig, shear
+from .methods.sheared.method import ShearedConfig, shear
 from .models import get_adapter
 from .slicing import apply_plan
 from .trainer import LMObjective, TrainConfig, domain_losses, train

@@ -4,7 +4,7 @@ Each projection is swapped for a `SliceLinear` that calls the `slice_gemm` op wi
 index lists (kept output rows for q/k/v/gate/up, kept input heads/channels for o/down), so no
 weight is copied; the attention module is told its kept head counts, and the family's own
 HF forward runs unchanged. `virtual_layer` restores the layer on exit. Evaluating many
-candidate plans (methods/search.py) this way costs no copies of the model.
+candidate plans (methods/search/) this way costs no copies of the model.
 
 slice_gemm reads X at the projection's full input width. o_proj and down_proj receive the
 compact activations of the kept heads / channels, so SliceLinear scatters them to full width

@@ -471,7 +471,7 @@ def tiny_shear(state_dir=None, stop_after=None, steps: int = 6, fsdp: bool = Fal
     """The sheared pruning stage on a tiny LLaMA with dynamic batch loading over
     tiny_domains(): (model, plan, log, mixture)."""
     from slimops.domains import Mixture
-    from slimops.methods.sheared import ShearedConfig, shear
+    from slimops.methods.sheared.method import ShearedConfig, shear
     from slimops.trainer import TrainConfig
 
     model = make_tiny_model("llama", layers=2, perturb=True)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from helpers import make_tiny_model
-from slimops.methods import slimgpt
 from slimops.methods.align import (
     aligned_removal,
     check_align,
@@ -14,6 +13,7 @@ from slimops.methods.align import (
     fit_ratios,
     kept_widths,
 )
+from slimops.methods.slimgpt import method as slimgpt
 from slimops.models import get_adapter
 from slimops.pipeline import prune_model
 

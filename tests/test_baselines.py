@@ -9,9 +9,10 @@ import torch
 
 import slimops
 from helpers import make_tiny_model
-from slimops.methods import METHODS, common, flap, make_config, taylor, wanda_sp
+from slimops.methods import METHODS, common, make_config
+from slimops.methods.baselines import flap, taylor, wanda_sp
+from slimops.methods.baselines.flap import FlapConfig
 from slimops.methods.common import UnitScores
-from slimops.methods.flap import FlapConfig
 from slimops.models import get_adapter
 from slimops.pipeline import prune_model
 from slimops.sequential import run_sequential

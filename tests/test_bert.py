@@ -15,7 +15,7 @@ import torch
 import slimops
 from helpers import BLOCK_SLIMOPS, child_env, make_tiny_bert, make_tiny_model
 from slimops import checkpoint
-from slimops.methods import slimgpt
+from slimops.methods.slimgpt import method as slimgpt
 from slimops.models import get_adapter, remote_modeling
 from slimops.pipeline import prune_model
 from slimops.plan import LayerPlan, PruningPlan

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from helpers import make_tiny_bert, make_tiny_model
-from slimops.methods import search
-from slimops.methods.reformation import admm, refit_columns
 from slimops.methods.saliency import dense_pass
-from slimops.methods.search_eval import Evaluator, refit
-from slimops.methods.search_space import Space
+from slimops.methods.search import method as search
+from slimops.methods.search.fitness import Evaluator, refit
+from slimops.methods.search.reformation import admm, refit_columns
+from slimops.methods.search.space import Space
 from slimops.models import get_adapter
 from slimops.pipeline import prune_model
 from slimops.slicing import apply_plan
@@ -67,13 +67,13 @@ def test_top_keeps_the_most_salient(space_and_model):
     ls = stats[1].space
     gene = Space([s.space for s in stats], 0, "params", 0.3).top(1, 2, 2, 10)
     assert set(gene.channels) == set(
-        sorted(range(ls.ffn), key=lambda c: -ls.channel_scores[c])[:10]
+        sorted(range(ls.dense.ffn), key=lambda c: -ls.channel_scores[c])[:10]
     )
 
 
 @torch.no_grad()
 def test_the_refit_cache_is_bounded_and_changes_no_result(space_and_model):
-    from slimops.methods.search_eval import Compensator
+    from slimops.methods.search.fitness import Compensator
 
     model, adapter, stats = space_and_model
     space = Space([s.space for s in stats], 0, "params", 0.35)
@@ -97,7 +97,7 @@ def test_fitness_equals_the_materialised_model(space_and_model, compensate):
     model, adapter, stats = space_and_model
     space = Space([s.space for s in stats], 0, "params", 0.35)
     tokens = calib(4, 24, seed=5)
-    from slimops.methods.search_eval import Compensator
+    from slimops.methods.search.fitness import Compensator
 
     comp = Compensator(adapter, stats, "cpu") if compensate else None
     ev = Evaluator(model, adapter, tokens, "ppl", "cpu", batch_size=2, compensator=comp)
@@ -213,7 +213,7 @@ def test_depth_moves_and_dropped_layers_reload(space_and_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from slimops.checkpoint import save_pruned
-    from slimops.methods.reformation import reform
+    from slimops.methods.search.reformation import reform
     from slimops.plan import PruningPlan
 
     _, _, stats = space_and_model

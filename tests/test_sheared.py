@@ -11,20 +11,20 @@ from transformers import AutoModelForCausalLM
 
 from helpers import FAMILIES, make_tiny_model
 from slimops.checkpoint import save_pruned
-from slimops.methods import hard_concrete as hc
-from slimops.methods.sheared import (
-    ShearedConfig,
-    parse_target,
-    resolve_target,
-    shape_for_ratio,
-)
-from slimops.methods.sheared_masks import (
+from slimops.methods.sheared import hard_concrete as hc
+from slimops.methods.sheared.masks import (
     Geometry,
     Shape,
     ShearedMasks,
     fold_gates,
     gated,
     plan_from_gates,
+)
+from slimops.methods.sheared.method import (
+    ShearedConfig,
+    parse_target,
+    resolve_target,
+    shape_for_ratio,
 )
 from slimops.models import get_adapter
 from slimops.models.remote_modeling import SHAPE_KEYS
@@ -226,7 +226,7 @@ def test_a_target_the_family_config_refuses_fails_before_training():
 
 def test_saliency_init_orders_gates_by_saliency():
     from slimops.methods.saliency import dense_pass
-    from slimops.methods.sheared import saliency_init
+    from slimops.methods.sheared.method import saliency_init
 
     model = make_tiny_model("llama", layers=2, perturb=True)
     adapter = get_adapter(model)
@@ -258,7 +258,7 @@ def test_a_hidden_slicing_plan_must_be_uniform_and_is_refused_before_any_change(
 
 
 def test_a_corrupt_target_json_and_bad_saliency_options_fail_in_one_line(tmp_path):
-    from slimops.methods.sheared import ShearedConfig, parse_target
+    from slimops.methods.sheared.method import ShearedConfig, parse_target
 
     bad = tmp_path / "target.json"
     bad.write_text('{"hidden_size": 48,')  # truncated

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from helpers import make_tiny_model
-from slimops.methods import slimgpt
 from slimops.methods.obs_solver import ObsSolver, damp_hessian
-from slimops.methods.slimgpt_reference import ReferenceSolver
+from slimops.methods.slimgpt import method as slimgpt
+from slimops.methods.slimgpt.reference import ReferenceSolver
 from slimops.models import get_adapter
 from slimops.pipeline import prune_model
 from slimops.schedules import layer_ratios

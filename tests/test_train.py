@@ -76,7 +76,7 @@ def test_domain_weights_move_after_training_and_once_at_the_stage_boundary():
     """The official dynamic-loading callback's schedule: every stage logs its starting losses
     without moving the weights (step 0's are those of untrained masks), moves them after every
     eval_interval steps and at its end, and the next stage starts from them unmoved."""
-    from slimops.methods.sheared import ShearedConfig
+    from slimops.methods.sheared.method import ShearedConfig
     from slimops.train import MixtureOptions, shear_and_train
 
     model = make_tiny_model("llama", layers=2, perturb=True)
@@ -339,7 +339,7 @@ def test_slimops_train_rejects_bad_input(saved_tiny_model, tmp_path, capsys):
 def test_both_stages_through_the_api(family):
     """Prune to the target shape, slice, continue pretraining: the loss goes down in the
     second stage and the model keeps the target shape."""
-    from slimops.methods.sheared import ShearedConfig
+    from slimops.methods.sheared.method import ShearedConfig
     from slimops.models import get_adapter
     from slimops.train import MixtureOptions, shear_and_train
     from slimops.trainer import TrainConfig
@@ -414,7 +414,7 @@ def test_a_run_killed_after_the_pruning_stage_does_not_prune_again(tmp_path, mon
     """With a progress folder the sliced model is saved between the stages; a second run
     loads it (the pruning stage is not run again) and ends with the same weights."""
     from slimops import train as train_mod
-    from slimops.methods.sheared import ShearedConfig
+    from slimops.methods.sheared.method import ShearedConfig
     from slimops.train import MixtureOptions, shear_and_train
     from slimops.trainer import TrainConfig
 

@@ -1,6 +1,7 @@
 """The ONE registry of pruning methods: name -> Method(config class, prune function).
 
-Every method is one file with a config dataclass (a `common.PruneConfig` whose `schedule`
+Every method is one package (slimgpt/, search/, sheared/; the four baselines one file each in
+baselines/) with a config dataclass (a `common.PruneConfig` whose `schedule`
 default is the method's default schedule) and `prune(model, tokens, cfg, adapter=None) ->
 PruningPlan`, which prunes the model in place (masked and compensated; slicing.apply_plan
 makes it smaller). The pipeline, the CLI (`--method` choices) and the benchmarks read this
@@ -13,7 +14,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple
 
-from . import flap, magnitude, search, sheared, slimgpt, taylor, wanda_sp
+from . import search, sheared, slimgpt
+from .baselines import flap, magnitude, taylor, wanda_sp
 
 
 class Method(NamedTuple):

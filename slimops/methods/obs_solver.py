@@ -3,9 +3,9 @@ its inputs, with the two numerics SlimGPT needs: score groups of input columns, 
 a group while compensating the kept columns.
 
 `ObsSolver` is the fast path: batched Cholesky scoring and the rank-s downdate of Hinv
-through slimops.ops. `ReferenceSolver` (methods/slimgpt_reference.py) recomputes the inverse
+through slimops.ops. `ReferenceSolver` (methods/slimgpt/reference.py) recomputes the inverse
 from H for every step, as the authors' code does. Both expose errors() / channel_errors() /
-remove(), so the selection policy in slimgpt.py runs unchanged on either.
+remove(), so the selection policy in slimgpt/method.py runs unchanged on either.
 """
 
 from __future__ import annotations

@@ -19,10 +19,23 @@ from dataclasses import dataclass
 
 import torch
 
+from ..plan import Widths
 from ..sequential import LayerWork, run_sequential
 from .allocation import OutputEnergy
 from .obs_solver import damp_hessian
-from .search_space import LayerSpace
+
+
+@dataclass
+class LayerSpace:
+    """One layer as search sees it: dense widths, unit costs and every unit's saliency."""
+
+    dense: Widths  # the layer's widths before pruning
+    costs: dict  # params per head / kv head / channel (adapter.unit_costs)
+    fixed: int  # params no width removes (norms, o/down biases)
+    head_scores: list[float]  # saliency of every unit (higher = keep)
+    kv_scores: list[float]
+    channel_scores: list[float]
+    attn_macs: int  # attention MACs per kept query head per token (context)
 
 
 @dataclass
@@ -94,9 +107,7 @@ def layer_stats(work: LayerWork, percdamp: float, attn_macs: int) -> LayerStats:
     costs = adapter.unit_costs(layer)
     linear = nh * costs["head"] + nkv * costs["kv_head"] + ffn * costs["channel"]
     space = LayerSpace(
-        nh,
-        nkv,
-        ffn,
+        Widths(nh, nkv, ffn),
         costs,
         adapter.layer_params(layer) - linear,
         heads.tolist(),

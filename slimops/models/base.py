@@ -7,9 +7,44 @@ slimops talks to models only through an adapter.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from torch import nn
 
 from . import remote_modeling as remote
+
+
+class Widths(NamedTuple):
+    """One decoder layer's widths: query heads, KV heads (groups), FFN channels. The one
+    type for a layer's shape: adapters read it from the modules (`layer_shape`), plans and
+    search genes report it, sheared's target Shape holds one."""
+
+    heads: int
+    kv_heads: int
+    ffn: int
+
+    @property
+    def rep(self) -> int:
+        """Query heads per KV group."""
+        return self.heads // self.kv_heads
+
+    def config(self) -> dict:
+        """The per-layer config keys of a checkpoint (num_attention_heads, ...)."""
+        return dict(zip(remote.SHAPE_KEYS, self))
+
+    def check_within(self, dense: Widths, what: str = "target") -> None:
+        """ValueError unless these widths are a valid GQA sub-shape of `dense`."""
+        for name, want, have in zip(self._fields, self, dense):
+            if not 1 <= want <= have:
+                raise ValueError(f"{what} {name}={want} must be in [1, {have}] (the source's)")
+        if self.heads % self.kv_heads:
+            raise ValueError(
+                f"{what} heads={self.heads} is not a multiple of kv_heads={self.kv_heads}"
+            )
+        if self.rep > dense.rep:
+            raise ValueError(
+                f"{what} keeps {self.rep} query heads per KV group; the source has only {dense.rep}"
+            )
 
 
 class DecoderAdapter:
@@ -89,10 +124,10 @@ class DecoderAdapter:
         return self.linear(layer, "down")
 
     # ---- geometry ---------------------------------------------------------------------
-    def layer_shape(self, layer) -> tuple[int, int, int]:
+    def layer_shape(self, layer) -> Widths:
         """(query heads, KV heads, FFN width) read from the layer's current modules."""
         q, k, _ = self.qkv(layer)
-        return (
+        return Widths(
             q.out_features // self.head_dim,
             k.out_features // self.head_dim,
             self.down_proj(layer).in_features,

@@ -21,11 +21,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import distributed
-from ..sequential import LayerWork, PhaseTimer, capture_inputs
-from ..slicing import head_rows
-from ..virtual import virtual_layer
-from .obs_solver import refit
+from ... import distributed
+from ...sequential import LayerWork, PhaseTimer, capture_inputs
+from ...slicing import head_rows
+from ...virtual import virtual_layer
+from ..obs_solver import refit
 
 
 class ByteLRU(OrderedDict):

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import get_adapter
-from ..plan import PruningPlan
-from ..schedules import layer_ratios
-from .common import Budget, PruneConfig, finish, layer_targets, owned_scores
+from ...models import get_adapter
+from ...plan import PruningPlan
+from ...schedules import layer_ratios
+from ..common import Budget, PruneConfig, finish, layer_targets, owned_scores
 
 
 @dataclass

@@ -9,13 +9,13 @@ evolutionary search over per-layer widths under a budget, then reformation.
    `seed_allocation` (not in the paper) a second seed takes its per-layer widths from
    slimgpt's OBS-error allocation (allocation.py) on the same pass's Hessians; the initial
    population is both seeds and mutations of them.
-2. Evolution (search_space.py): a population of GQA-valid candidates, each repaired into the
+2. Evolution (space.py): a population of GQA-valid candidates, each repaired into the
    budget (`ratio` of decoder params, or of MACs per token with budget="macs") by moving FFN
    width between layers. Every generation keeps the `elites` best, breeds `mutations`
    children of random top-`parents` candidates (per-gene width mutation and the paper's mask
    mutation, Alg. 1: a redrawn kept set overlapping the old one by >= alpha) and
    `crossovers` layer-wise uniform crossovers. Seeded: same seed, same result.
-3. Fitness (search_eval.py): perplexity of held-in calibration windows, or KL to the dense
+3. Fitness (fitness.py): perplexity of held-in calibration windows, or KL to the dense
    model, run on the dense weights through slice_gemm with prefix reuse; by default with the
    kept o/down columns refit by least squares first (`compensate`), so the search ranks
    candidates by what reformation will make of them.
@@ -32,17 +32,17 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .. import distributed
-from ..models import get_adapter
-from ..plan import PruningPlan
-from . import allocation
-from .align import check_align
-from .common import PruneConfig, channels_to_remove
-from .obs_solver import ObsSolver
+from ... import distributed
+from ...models import get_adapter
+from ...plan import PruningPlan
+from .. import allocation
+from ..align import check_align
+from ..common import PruneConfig, channels_to_remove
+from ..obs_solver import ObsSolver
+from ..saliency import dense_pass
+from .fitness import Compensator, Evaluator
 from .reformation import REFORMATIONS, reform
-from .saliency import dense_pass
-from .search_eval import Compensator, Evaluator
-from .search_space import Space
+from .space import Space
 
 FITNESS = ("ppl", "kl")
 BUDGETS = ("params", "macs")
@@ -148,9 +148,9 @@ def allocation_seed(space: Space, model, adapter, stats, tokens, cfg: SearchConf
     for i, (c, r) in enumerate(zip(curves, ratios)):
         ls, target = space.layers[i], r * sizes[i]
         attn = allocation.best_split(c.heads, c.ffn, target)
-        n_kv, per = c.widths_after(c.heads.params.index(attn), ls.num_kv, ls.rep)
-        cut = channels_to_remove(target - attn, ls.costs["channel"], ls.ffn)
-        genes.append(space.top(i, n_kv, per, ls.ffn - cut))
+        n_kv, per = c.widths_after(c.heads.params.index(attn), ls.dense.kv_heads, ls.dense.rep)
+        cut = channels_to_remove(target - attn, ls.costs["channel"], ls.dense.ffn)
+        genes.append(space.top(i, n_kv, per, ls.dense.ffn - cut))
     return tuple(genes)
 
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import get_adapter
-from ..plan import PruningPlan
-from ..schedules import layer_ratios
-from ..sequential import LayerWork, run_sequential
-from ..slicing import mask_layer
-from .common import (
+from ...models import get_adapter
+from ...plan import PruningPlan
+from ...schedules import layer_ratios
+from ...sequential import LayerWork, run_sequential
+from ...slicing import mask_layer
+from ..common import (
     Budget,
     InputStats,
     PruneConfig,

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models import get_adapter
-from ..plan import LayerPlan, PruningPlan
-from ..sequential import LayerWork, run_sequential
-from ..slicing import head_rows, mask_layer
-from .common import Budget, InputStats, PruneConfig, UnitScores, finish, input_stats
+from ...models import get_adapter
+from ...plan import LayerPlan, PruningPlan
+from ...sequential import LayerWork, run_sequential
+from ...slicing import head_rows, mask_layer
+from ..common import Budget, InputStats, PruneConfig, UnitScores, finish, input_stats
 
 
 @dataclass

@@ -25,17 +25,24 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .. import distributed, ops
-from ..kernels.hessian import reference as hessian_reference
-from ..models import get_adapter
-from ..plan import LayerPlan, PruningPlan
-from ..schedules import layer_ratios
-from ..sequential import LayerWork, run_sequential
-from .align import aligned_ratios, aligned_removal, check_align, kept_widths
-from .allocation import OutputEnergy, allocate, best_split, layer_curve, layer_curves, layer_weights
-from .common import Budget, PruneConfig, channels_to_remove, finish, remove_heads
-from .obs_solver import Damping, ObsScorer, ObsSolver, damp_hessian
-from .slimgpt_reference import ReferenceSolver
+from ... import distributed, ops
+from ...kernels.hessian import reference as hessian_reference
+from ...models import get_adapter
+from ...plan import LayerPlan, PruningPlan
+from ...schedules import layer_ratios
+from ...sequential import LayerWork, run_sequential
+from ..align import aligned_ratios, aligned_removal, check_align, kept_widths
+from ..allocation import (
+    OutputEnergy,
+    allocate,
+    best_split,
+    layer_curve,
+    layer_curves,
+    layer_weights,
+)
+from ..common import Budget, PruneConfig, channels_to_remove, finish, remove_heads
+from ..obs_solver import Damping, ObsScorer, ObsSolver, damp_hessian
+from .reference import ReferenceSolver
 
 SPLITS = ("equal", "obs")
 

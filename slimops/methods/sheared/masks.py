@@ -28,7 +28,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..plan import LayerPlan, PruningPlan
+from ...plan import LayerPlan, PruningPlan, Widths
 from .hard_concrete import HardConcrete
 
 FAMILIES = ("hidden", "layer", "attn", "mlp", "head", "kv", "ffn")
@@ -37,7 +37,8 @@ TARGETED = ("hidden", "layer", "head", "kv", "ffn")  # families with a size targ
 
 @dataclass(frozen=True)
 class Shape:
-    """A uniform architecture: the target of shearing (every kept layer has this shape)."""
+    """A uniform architecture: the target of shearing, `layers` layers of these widths on a
+    `hidden`-wide residual stream (flat fields: they are the --target keys)."""
 
     hidden: int
     layers: int
@@ -45,20 +46,17 @@ class Shape:
     kv_heads: int
     ffn: int
 
+    @property
+    def widths(self) -> Widths:
+        """Every kept layer's widths."""
+        return Widths(self.heads, self.kv_heads, self.ffn)
+
     def check_within(self, source: Shape) -> None:
-        for name in ("hidden", "layers", "heads", "kv_heads", "ffn"):
+        for name in ("hidden", "layers"):
             want, have = getattr(self, name), getattr(source, name)
             if not 1 <= want <= have:
                 raise ValueError(f"target {name}={want} must be in [1, {have}] (the source's)")
-        if self.heads % self.kv_heads:
-            raise ValueError(
-                f"target heads={self.heads} is not a multiple of kv_heads={self.kv_heads}"
-            )
-        if self.heads // self.kv_heads > source.heads // source.kv_heads:
-            raise ValueError(
-                f"target keeps {self.heads // self.kv_heads} query heads per KV group; "
-                f"the source has only {source.heads // source.kv_heads}"
-            )
+        self.widths.check_within(source.widths)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ an exact target architecture, then slice to it.
 Pruning stage, as the paper and its official code (`l0_module.py`):
   loss = CE(model under sampled gates) + sum_f lambda_1 (s_f - t_f) + lambda_2 (s_f - t_f)^2
 with s_f the expected kept share of each gate family (hidden, layers, query heads, KV
-groups, FFN channels; sheared_masks.py) and t_f its target, ramped in linearly from the
+groups, FFN channels; masks.py) and t_f its target, ramped in linearly from the
 source shape over the first `target_warmup` share of the steps (official: 640 of 3200).
 One AdamW (betas 0.9, 0.95, no weight decay) trains the weights (lr 1e-4), the log_alphas
 (lr 1.0) and, by gradient ascent, the lambdas (lr 1.0): the official values. The large mask
@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..domains import Domain, Mixture
-from ..models import get_adapter
-from ..plan import PruningPlan
-from ..trainer import TrainConfig, sequence_losses, token_loss, train
-from .common import PruneConfig
-from .sheared_masks import (
+from ...domains import Domain, Mixture
+from ...models import get_adapter
+from ...plan import PruningPlan
+from ...trainer import TrainConfig, sequence_losses, token_loss, train
+from ..common import PruneConfig
+from .masks import (
     Geometry,
     Shape,
     ShearedMasks,
@@ -331,7 +331,7 @@ def saliency_init(masks: ShearedMasks, model, adapter, tokens: torch.Tensor, cfg
     of a family alike, closes the least salient first. Hidden and layer gates keep the
     droprate start (no per-dimension saliency here). Replaces the start's tie-breaking
     noise, which is as large as the gap between neighbouring ranks."""
-    from .saliency import dense_pass
+    from ..saliency import dense_pass
 
     stats, _ = dense_pass(
         model,

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from ..plan import PruningPlan
-from ..sequential import LayerWork, run_sequential
-from ..slicing import head_rows
-from .obs_solver import ObsSolver, damp_hessian
+from ...plan import PruningPlan
+from ...sequential import LayerWork, run_sequential
+from ...slicing import head_rows
+from ..obs_solver import ObsSolver, damp_hessian
 
 REFORMATIONS = ("obs", "admm", "none")
 

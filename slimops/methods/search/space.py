@@ -7,7 +7,7 @@ group, or an FFN step (`--align` or 1/32 of the FFN). Channels inside a head are
 removed: that would break rotary pairs (the official code does it and rebuilds RoPE wrongly).
 
 Saliency decides WHICH units a width keeps (`Space.top`): every unit has a score (sum of the
-second-order saliency Phi_ij = W_ij^2 / [H^-1]_jj over the weights it owns, search.py), and
+second-order saliency Phi_ij = W_ij^2 / [H^-1]_jj over the weights it owns, saliency.py), and
 a width keeps the most salient units. The paper's mask mutation (Alg. 1) then redraws a
 layer's kept set at random, keeping at least alpha of the old one.
 """
@@ -18,7 +18,8 @@ import math
 import random
 from dataclasses import dataclass, replace
 
-from ..plan import LayerPlan
+from ...plan import LayerPlan, Widths
+from ..saliency import LayerSpace
 
 
 @dataclass(frozen=True)
@@ -31,22 +32,8 @@ class Gene:
     def plan(self) -> LayerPlan:
         return LayerPlan(list(self.heads), list(self.kv), list(self.channels), self.dropped)
 
-
-@dataclass
-class LayerSpace:
-    num_heads: int
-    num_kv: int
-    ffn: int
-    costs: dict  # params per head / kv head / channel (adapter.unit_costs)
-    fixed: int  # params no width removes (norms, o/down biases)
-    head_scores: list[float]  # saliency of every unit (higher = keep)
-    kv_scores: list[float]
-    channel_scores: list[float]
-    attn_macs: int  # attention MACs per kept query head per token (context)
-
-    @property
-    def rep(self) -> int:
-        return self.num_heads // self.num_kv
+    def widths(self) -> Widths:
+        return Widths(len(self.heads), len(self.kv), len(self.channels))
 
 
 class Space:
@@ -62,7 +49,7 @@ class Space:
         depth: bool = False,
     ):
         self.layers, self.budget, self.ratio, self.depth = layers, budget, ratio, depth
-        self.steps = [step if step else max(1, ls.ffn // 32) for ls in layers]
+        self.steps = [step if step else max(1, ls.dense.ffn // 32) for ls in layers]
         full = [self.full(i) for i in range(len(layers))]
         self.dense_params = sum(self.params(i, g) for i, g in enumerate(full))
         self.dense_macs = sum(self.macs(i, g) for i, g in enumerate(full))
@@ -112,7 +99,11 @@ class Space:
     # ---- genes from widths, by saliency ----------------------------------------------------
     def full(self, i: int) -> Gene:
         ls = self.layers[i]
-        return Gene(tuple(range(ls.num_kv)), tuple(range(ls.num_heads)), tuple(range(ls.ffn)))
+        return Gene(
+            tuple(range(ls.dense.kv_heads)),
+            tuple(range(ls.dense.heads)),
+            tuple(range(ls.dense.ffn)),
+        )
 
     def top(self, i: int, n_kv: int, per_group: int, width: int, base: Gene | None = None) -> Gene:
         """Gene of these widths keeping the most salient units; with `base`, units of base are
@@ -127,35 +118,36 @@ class Space:
             )
 
         group_score = [
-            ls.kv_scores[g] + sum(ls.head_scores[g * ls.rep : (g + 1) * ls.rep])
-            for g in range(ls.num_kv)
+            ls.kv_scores[g] + sum(ls.head_scores[g * ls.dense.rep : (g + 1) * ls.dense.rep])
+            for g in range(ls.dense.kv_heads)
         ]
-        kv = best(range(ls.num_kv), n_kv, group_score.__getitem__, base.kv if base else ())
+        kv = best(range(ls.dense.kv_heads), n_kv, group_score.__getitem__, base.kv if base else ())
         heads = []
         for g in kv:
             heads += best(
-                range(g * ls.rep, (g + 1) * ls.rep),
+                range(g * ls.dense.rep, (g + 1) * ls.dense.rep),
                 per_group,
                 ls.head_scores.__getitem__,
                 base.heads if base else (),
             )
         channels = best(
-            range(ls.ffn), width, ls.channel_scores.__getitem__, base.channels if base else ()
+            range(ls.dense.ffn), width, ls.channel_scores.__getitem__, base.channels if base else ()
         )
         return Gene(tuple(kv), tuple(sorted(heads)), tuple(channels))
-
-    def widths(self, i: int, g: Gene) -> tuple[int, int, int]:
-        return len(g.kv), len(g.heads) // max(len(g.kv), 1), len(g.channels)
 
     def resize(self, i: int, g: Gene, d_kv: int = 0, d_per: int = 0, d_ffn: int = 0) -> Gene | None:
         """g with widths moved by whole units (None when out of range)."""
         if g.dropped:
             return None
         ls = self.layers[i]
-        n_kv, per, width = self.widths(i, g)
-        n_kv, per, width = n_kv + d_kv, per + d_per, width + d_ffn * self.steps[i]
-        width = min(width, ls.ffn) if d_ffn > 0 else width
-        if not (1 <= n_kv <= ls.num_kv and 1 <= per <= ls.rep and 1 <= width <= ls.ffn):
+        w = g.widths()
+        n_kv, per, width = w.kv_heads + d_kv, w.rep + d_per, w.ffn + d_ffn * self.steps[i]
+        width = min(width, ls.dense.ffn) if d_ffn > 0 else width
+        if not (
+            1 <= n_kv <= ls.dense.kv_heads
+            and 1 <= per <= ls.dense.rep
+            and 1 <= width <= ls.dense.ffn
+        ):
             return None
         return self.top(i, n_kv, per, width, base=g)
 
@@ -163,9 +155,11 @@ class Space:
         """Every layer keeps the share `keep` of its units (the inheriting ratio gamma)."""
         genes = []
         for i, ls in enumerate(self.layers):
-            per = max(1, round(keep * ls.rep)) if ls.rep > 1 else 1
-            n_kv = ls.num_kv if ls.rep > 1 else max(1, round(keep * ls.num_kv))
-            genes.append(self.top(i, n_kv, per, max(1, round(keep * ls.ffn))))
+            per = max(1, round(keep * ls.dense.rep)) if ls.dense.rep > 1 else 1
+            n_kv = (
+                ls.dense.kv_heads if ls.dense.rep > 1 else max(1, round(keep * ls.dense.kv_heads))
+            )
+            genes.append(self.top(i, n_kv, per, max(1, round(keep * ls.dense.ffn))))
         return tuple(genes)
 
     # ---- the search's moves -----------------------------------------------------------
@@ -209,9 +203,9 @@ class Space:
 
         heads = []
         for grp in g.kv:
-            mine = [h for h in g.heads if h // ls.rep == grp]
-            heads += draw(mine, range(grp * ls.rep, (grp + 1) * ls.rep))
-        return Gene(g.kv, tuple(sorted(heads)), draw(g.channels, range(ls.ffn)), g.dropped)
+            mine = [h for h in g.heads if h // ls.dense.rep == grp]
+            heads += draw(mine, range(grp * ls.dense.rep, (grp + 1) * ls.dense.rep))
+        return Gene(g.kv, tuple(sorted(heads)), draw(g.channels, range(ls.dense.ffn)), g.dropped)
 
     def crossover(self, a, b, rng: random.Random) -> tuple[Gene, ...]:
         """Layer-wise uniform crossover: each layer's gene from one parent."""
@@ -224,10 +218,10 @@ class Space:
         up to one FFN step of their least / most salient channels, never more than the gap;
         head widths move only where no FFN width is left. Layers after the first frozen one
         go first: the layers before it stay as the parent had them, so the child shares that
-        prefix with its parent and fitness reuses its hidden states (search_eval.py)."""
+        prefix with its parent and fitness reuses its hidden states (fitness.py)."""
         out = list(cand)
         first = min(frozen, default=0)
-        for _ in range(100 * len(out) * max(ls.ffn for ls in self.layers)):
+        for _ in range(100 * len(out) * max(ls.dense.ffn for ls in self.layers)):
             gap = self.total(out) - self.target
             if abs(gap) <= self.tolerance:
                 return tuple(out)
@@ -252,12 +246,16 @@ class Space:
         """One FFN step (at most the channels `gap` needs), else one head move; growing
         restores a dropped layer at its smallest width."""
         if g.dropped:
-            return self.top(i, 1, 1, min(self.steps[i], self.layers[i].ffn)) if sign > 0 else None
+            return (
+                self.top(i, 1, 1, min(self.steps[i], self.layers[i].dense.ffn))
+                if sign > 0
+                else None
+            )
         ls = self.layers[i]
-        n_kv, per, width = self.widths(i, g)
+        n_kv, per, width = len(g.kv), g.widths().rep, len(g.channels)
         per_channel = self.size(i, replace(g, channels=g.channels + (0,))) - self.size(i, g)
         need = max(1, math.ceil((gap - self.tolerance / 2) / max(per_channel, 1e-9)))
         new = width + sign * min(self.steps[i], need)
-        if 1 <= new <= ls.ffn and new != width:
+        if 1 <= new <= ls.dense.ffn and new != width:
             return self.top(i, n_kv, per, new, base=g)
         return self.resize(i, g, d_per=sign) or self.resize(i, g, d_kv=sign)

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import distributed
-from ..models import get_adapter
-from ..plan import PruningPlan
-from ..schedules import layer_ratios
-from .common import Budget, PruneConfig, UnitScores, finish, layer_targets, owned_scores
+from ... import distributed
+from ...models import get_adapter
+from ...plan import PruningPlan
+from ...schedules import layer_ratios
+from ..common import Budget, PruneConfig, UnitScores, finish, layer_targets, owned_scores
 
 
 @dataclass
