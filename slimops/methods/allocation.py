@@ -262,3 +262,31 @@ def allocate(
     chosen = take(hi)
     scale = total / max(sum(chosen), 1e-12)  # land on the total exactly
     return [min(cap, p * scale / size) for p, size in zip(chosen, sizes)]
+
+
+def layer_ratios_from_curves(
+    model,
+    adapter,
+    tokens: torch.Tensor,
+    curves: list[tuple[Curve, Curve]],
+    energies: list[float],
+    sizes: list[int],
+    cfg,
+    how: str = "gradient",
+) -> list[float]:
+    """The one cross-layer OBS allocation (slimgpt's schedule "obs" and search's seed): each
+    layer's (heads, FFN) curves merged into its least-error curve, weighted by what an error
+    there costs at the output (`layer_weights` on the first cfg.gradient_samples windows of
+    all ranks, tokens[:n] of one process), then `allocate` under cfg.ratio of the layers'
+    `sizes` and cfg.max_layer_ratio."""
+    weights = layer_weights(
+        model,
+        adapter,
+        distributed.first_rows(tokens, cfg.gradient_samples),
+        energies,
+        how,
+        cfg.batch_size,
+        cfg.device,
+    )
+    lines = [layer_curve(heads, ffn) for heads, ffn in curves]
+    return allocate(lines, sizes, weights, cfg.ratio * sum(sizes), cfg.max_layer_ratio)

@@ -134,17 +134,10 @@ def allocation_seed(space: Space, model, adapter, stats, tokens, cfg: SearchConf
         curves.append(allocation.layer_curves(adapter, layer, *solvers))
         sizes.append(space.params(i, space.full(i)))
     energies = [st.energy for st in stats]
-    weights = allocation.layer_weights(
-        model,
-        adapter,
-        distributed.first_rows(tokens, cfg.gradient_samples),
-        energies,
-        "gradient",
-        cfg.batch_size,
-        cfg.device,
+    pairs = [(c.heads, c.ffn) for c in curves]
+    ratios = allocation.layer_ratios_from_curves(
+        model, adapter, tokens, pairs, energies, sizes, cfg
     )
-    lines = [allocation.layer_curve(c.heads, c.ffn) for c in curves]
-    ratios = allocation.allocate(lines, sizes, weights, cfg.ratio * sum(sizes), cfg.max_layer_ratio)
     for i, (c, r) in enumerate(zip(curves, ratios)):
         ls, target = space.layers[i], r * sizes[i]
         attn = allocation.best_split(c.heads, c.ffn, target)

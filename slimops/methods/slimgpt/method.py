@@ -25,21 +25,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ... import distributed, ops
+from ... import ops
 from ...kernels.hessian import reference as hessian_reference
 from ...models import get_adapter
 from ...plan import LayerPlan, PruningPlan
 from ...schedules import layer_ratios
 from ...sequential import LayerWork, run_sequential
 from ..align import aligned_ratios, aligned_removal, check_align, kept_widths
-from ..allocation import (
-    OutputEnergy,
-    allocate,
-    best_split,
-    layer_curve,
-    layer_curves,
-    layer_weights,
-)
+from ..allocation import OutputEnergy, best_split, layer_curves, layer_ratios_from_curves
 from ..common import Budget, PruneConfig, channels_to_remove, finish, remove_heads
 from ..obs_solver import Damping, ObsScorer, ObsSolver, damp_hessian
 from .reference import ReferenceSolver
@@ -220,21 +213,14 @@ def obs_schedule(model, adapter, tokens: torch.Tensor, cfg: SlimGPTConfig) -> li
                 H["down_proj"],
                 adapter.unit_costs(layer),
             )
-        curves.append(layer_curve(heads, ffn))
+        curves.append((heads, ffn))
         energies.append(energy.mean)
 
     run_sequential(model, adapter, tokens, collect, desc="slimgpt: error curves", **cfg.driver())
     sizes = [adapter.layer_params(layer) for layer in adapter.layers()]
-    weights = layer_weights(
-        model,
-        adapter,
-        distributed.first_rows(tokens, cfg.gradient_samples),  # tokens[:n] of one process
-        energies,
-        cfg.layer_weights,
-        cfg.batch_size,
-        cfg.device,
+    return layer_ratios_from_curves(
+        model, adapter, tokens, curves, energies, sizes, cfg, cfg.layer_weights
     )
-    return allocate(curves, sizes, weights, cfg.ratio * sum(sizes), cfg.max_layer_ratio)
 
 
 def _ratios(model, adapter, tokens, cfg: SlimGPTConfig) -> tuple[list[float], dict]:
