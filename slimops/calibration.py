@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .readers import load_token_ids
+
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 HUB_DATASETS = ("wikitext2", "c4")
 
@@ -70,7 +72,7 @@ def calibration_tokens(
     if nsamples < 1 or seqlen < 1:
         raise ValueError("nsamples and seqlen must be positive")
     if source.endswith(".pt") and Path(source).is_file():
-        ids = torch.load(source).long().reshape(-1)
+        ids = load_token_ids(source, len(tokenizer))
     else:
         ids = tokenize(load_text(source, "train"), tokenizer)
     return sample_windows(ids, nsamples, seqlen, seed, what=source)

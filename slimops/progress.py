@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from .readers import read_json
 from .run_state import FINGERPRINT, RunState
 
 PROGRESS = "progress.json"
@@ -32,7 +33,7 @@ class Progress:
         self.state: dict = {}  # the method's state after `done` layers
         self.state_fn: Callable[[], dict] = dict
         if self.run.check() and (self.folder / PROGRESS).is_file():
-            saved = json.loads((self.folder / PROGRESS).read_text())
+            saved = read_json(self.folder / PROGRESS)
             self.done, self.state = saved["done"], saved["state"]
 
     def load_layer(self, index: int, layer: torch.nn.Module) -> None:

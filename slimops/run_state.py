@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from .readers import read_json
 
 FINGERPRINT = "fingerprint.json"
 
@@ -65,7 +66,7 @@ class RunState:
         record = self.folder / FINGERPRINT
         if not same_on_every_rank(record):
             return False
-        saved = json.loads(record.read_text())
+        saved = read_json(record)
         if saved != self.fingerprint:
             raise ValueError(
                 f"{self.folder} holds progress of a run with other settings ({saved}); "

@@ -34,6 +34,7 @@ from .distributed import is_main
 from .methods import check_streams
 from .models import get_adapter, stock_class
 from .pipeline import prune_model
+from .readers import read_json
 from .slicing import slice_layer
 
 INDEX = "model.safetensors.index.json"
@@ -47,7 +48,7 @@ class ShardedWeights:
         self.folder = Path(folder)
         index = self.folder / INDEX
         if index.is_file():
-            self.where = json.loads(index.read_text())["weight_map"]
+            self.where = read_json(index)["weight_map"]
         elif (self.folder / "model.safetensors").is_file():
             with safe_open(self.folder / "model.safetensors", "pt") as f:
                 self.where = {k: "model.safetensors" for k in f.keys()}

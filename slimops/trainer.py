@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .domains import Domain, Mixture, draw_batch
+from .readers import load_state
 from .run_state import RunState, same_on_every_rank
 
 STATE_FILE = "train_state.pt"
@@ -329,7 +330,7 @@ def _resume(run, wrapped, optimizer, mixture, log) -> int:
     """The step to start at, with the saved state loaded (the settings were checked)."""
     if run is None or not same_on_every_rank(run.folder / STATE_FILE):
         return 0
-    state = torch.load(run.folder / STATE_FILE, weights_only=False)
+    state = load_state(run.folder / STATE_FILE)
     _load_state(wrapped, optimizer, state["model"], state["optim"])
     mixture.load_state_dict(state["mixture"])
     log.update(json.loads(state["log"]))

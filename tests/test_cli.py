@@ -4,6 +4,7 @@ bad input before any work (nothing written to --out)."""
 import json
 
 import pytest
+import torch
 
 from helpers import SAMPLE_TEXT, make_tiny_model, prune_argv
 from slimops.cli import main
@@ -178,6 +179,52 @@ def test_truncated_safetensors_is_one_clear_line(saved_tiny_model, text_file, tm
     line = _one_error_line(capsys)
     assert "unreadable" in line and "truncated or corrupt" in line and str(saved_tiny_model) in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json"])
+def test_corrupt_model_json_names_the_file(saved_tiny_model, text_file, tmp_path, capsys, name):
+    (saved_tiny_model / name).write_text('{"model_type": "llama",')  # cut short
+    out = tmp_path / "o"
+    assert main(prune_argv(saved_tiny_model, text_file, None, 4, 32, "--out", out)) == 2
+    line = _one_error_line(capsys)
+    assert f"{saved_tiny_model / name}: not valid JSON (line 1, column 24" in line, line
+    assert not out.exists()
+
+
+def test_json_tokenizer_that_is_no_tokenizer_is_one_line(
+    saved_tiny_model, text_file, tmp_path, capsys
+):
+    (saved_tiny_model / "tokenizer.json").write_text('{"version": "1.0"}')
+    assert main(prune_argv(saved_tiny_model, text_file, None, 4, 32, "--out", tmp_path / "o")) == 2
+    assert f"cannot build the tokenizer of {saved_tiny_model}" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"not a torch file", "not a tensor file written by torch.save (UnpicklingError"),
+        ({"ids": [1, 2]}, "holds a dict, not a tensor of token ids"),
+        (torch.rand(4096), "holds torch.float32 values, not integer token ids"),
+        (torch.full((4096,), 10**6), "holds token id 1000000, outside the tokenizer's ids 0.."),
+        (torch.full((4096,), -1), "holds token id -1, outside"),
+    ],
+)
+def test_bad_calibration_ids_are_one_line(saved_tiny_model, tmp_path, capsys, content, message):
+    ids = tmp_path / "ids.pt"
+    if isinstance(content, bytes):
+        ids.write_bytes(content)
+    else:
+        torch.save(content, ids)
+    out = tmp_path / "o"
+    assert main(prune_argv(saved_tiny_model, ids, None, 4, 32, "--out", out)) == 2
+    assert f"{ids}: {message}" in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_good_calibration_ids_prune(saved_tiny_model, tmp_path):
+    ids = tmp_path / "ids.pt"
+    torch.save(torch.randint(0, 200, (4, 64), dtype=torch.int32), ids)  # any integer dtype, 2-D
+    assert main(prune_argv(saved_tiny_model, ids, None, 4, 32, "--out", tmp_path / "o")) == 0
 
 
 def test_prune_with_search_writes_pareto_front(saved_tiny_model, text_file, tmp_path, capsys):

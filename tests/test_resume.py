@@ -79,3 +79,31 @@ def test_resume_needs_a_resumable_method(setup, capsys):
     tmp, args = setup
     assert main(args(tmp / "out", "--method", "flap")) == 2
     assert "--resume is implemented for slimgpt only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["fingerprint.json", "progress.json"])
+def test_corrupt_progress_is_one_line_naming_the_file(setup, capsys, monkeypatch, name):
+    """A progress folder damaged outside slimops (a full disk, a copy cut short): the file and
+    what is wrong, no traceback, nothing written."""
+    from slimops import progress
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(self, index, layer):
+        save(self, index, layer)
+        raise Killed
+
+    tmp, args = setup
+    save = progress.Progress.save_layer
+    monkeypatch.setattr(progress.Progress, "save_layer", save_then_die)
+    with pytest.raises(Killed):
+        main(args(tmp / "out"))
+    monkeypatch.setattr(progress.Progress, "save_layer", save)
+    folder = tmp / "out.progress"
+    (folder / name).write_text('{"done": 1, "st')  # cut short
+    capsys.readouterr()
+    assert main(args(tmp / "out")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"{folder / name}: not valid JSON" in err[-1] and sum("error" in x for x in err) == 1
+    assert not (tmp / "out").exists()

@@ -44,6 +44,17 @@ def test_the_trainer_refuses_other_settings_before_loading_anything(tmp_path, mo
         tiny_shear(tmp_path / "state", steps=8)
 
 
+def test_a_corrupt_trainer_state_is_named(tmp_path):
+    from helpers import tiny_shear
+    from slimops.trainer import STATE_FILE
+
+    tiny_shear(tmp_path / "state", stop_after=2)
+    state = tmp_path / "state" / STATE_FILE
+    state.write_bytes(state.read_bytes()[:100])  # cut short outside slimops
+    with pytest.raises(ValueError, match=f"{state}: unreadable .*truncated or corrupt"):
+        tiny_shear(tmp_path / "state")
+
+
 SCRIPT = """
 from pathlib import Path
 from slimops import distributed

@@ -262,7 +262,7 @@ def test_a_corrupt_target_json_and_bad_saliency_options_fail_in_one_line(tmp_pat
 
     bad = tmp_path / "target.json"
     bad.write_text('{"hidden_size": 48,')  # truncated
-    with pytest.raises(ValueError, match="target.json: not a JSON config"):
+    with pytest.raises(ValueError, match="target.json: not valid JSON"):
         parse_target(str(bad), Shape(64, 2, 4, 2, 128))
     for options in ({"saliency_windows": 0}, {"percdamp": -0.1}):
         with pytest.raises(ValueError, match="saliency_windows must be >= 1"):

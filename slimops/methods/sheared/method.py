@@ -21,7 +21,6 @@ pretraining with dynamic batch loading is `slimops train` (slimops/train.py).
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch import nn
 from ...domains import Domain, Mixture
 from ...models import get_adapter
 from ...plan import PruningPlan
+from ...readers import read_json
 from ...trainer import TrainConfig, sequence_losses, token_loss, train
 from ..common import PruneConfig
 from .masks import (
@@ -106,10 +106,7 @@ def parse_target(text: str, source: Shape) -> Shape:
         path = Path(text)
         if not path.is_file():
             raise FileNotFoundError(f"--target {text}: no such file")
-        try:
-            cfg = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"--target {text}: not a JSON config ({e})") from None
+        cfg = read_json(path)
         given = {field: cfg[key] for field, key in _CONFIG_KEYS.items() if key in cfg}
     else:
         given = {}
