@@ -437,15 +437,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], nproc: int = 2, **kw) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        *args,
-    ]
+def torchrun(
+    args: list[str], nproc: int = 2, rendezvous: bool = False, **kw
+) -> subprocess.CompletedProcess:
+    """`torchrun` on this machine; rendezvous=True joins as docs/cli.md's several-machine
+    command does (c10d rendezvous at an endpoint), here with one node."""
+    where = [f"--master_port={free_port()}"]
+    if rendezvous:
+        where = ["--nnodes=1", "--rdzv_backend=c10d", "--rdzv_id=slimops-test"]
+        where.append(f"--rdzv_endpoint=localhost:{free_port()}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *where]
+    cmd += args
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, **kw)
 

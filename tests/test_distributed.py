@@ -130,7 +130,8 @@ def test_cli_under_torchrun_says_the_split_and_rank0_saves(saved_tiny_model, tmp
             str(out),
             "--json",
             str(tmp_path / "r.json"),
-        ]
+        ],
+        rendezvous=True,  # docs/cli.md's several-machine command, on one node
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2: rank 0 calibrates on samples 0-3" in proc.stderr
