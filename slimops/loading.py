@@ -18,6 +18,7 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -98,23 +99,32 @@ def _read(f, fmt: str):
     return struct.unpack(fmt, data)[0]
 
 
+def _check_left(f, size: int) -> None:
+    """A corrupt length past the end of the file is EOFError, not a huge read or seek."""
+    if size > os.fstat(f.fileno()).st_size - f.tell():
+        raise EOFError
+
+
+def _skip(f, size: int) -> None:
+    _check_left(f, size)
+    f.seek(size, 1)
+
+
 def _read_string(f) -> str:
     size = _read(f, "<Q")
-    data = f.read(size)
-    if len(data) != size:
-        raise EOFError
-    return data.decode("utf-8", errors="replace")
+    _check_left(f, size)
+    return f.read(size).decode("utf-8", errors="replace")
 
 
 def _skip_value(f, kind: int) -> None:
     if kind in _GGUF_SCALARS:
-        f.seek(struct.calcsize("<" + _GGUF_SCALARS[kind]), 1)
+        _skip(f, struct.calcsize("<" + _GGUF_SCALARS[kind]))
     elif kind == _GGUF_STRING:
-        f.seek(_read(f, "<Q"), 1)
+        _skip(f, _read(f, "<Q"))
     elif kind == _GGUF_ARRAY:
         item, count = _read(f, "<I"), _read(f, "<Q")
         if item in _GGUF_SCALARS:
-            f.seek(count * struct.calcsize("<" + _GGUF_SCALARS[item]), 1)
+            _skip(f, count * struct.calcsize("<" + _GGUF_SCALARS[item]))
         else:
             for _ in range(count):
                 _skip_value(f, item)
@@ -142,10 +152,10 @@ def read_gguf_header(path: str) -> str:
     try:
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
-                raise ValueError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
+                raise ValueError("not a GGUF file (it does not start with 'GGUF')")
             version = _read(f, "<I")
             if version not in (2, 3):
-                raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+                raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
             tensors, keys = _read(f, "<Q"), _read(f, "<Q")
             for _ in range(keys):
                 key, kind = _read_string(f), _read(f, "<I")
@@ -163,8 +173,11 @@ def read_gguf_header(path: str) -> str:
             data_start = -(-f.tell() // alignment) * alignment
     except EOFError:
         raise ValueError(
-            f"{path}: truncated at byte {size} (the GGUF header runs past the end of the file)"
+            f"{path}: truncated at byte {size} (the GGUF header runs past the end of the "
+            "file: cut short or corrupt)"
         ) from None
+    except ValueError as exc:  # an unknown type, a bad magic or version
+        raise ValueError(f"{path}: {exc}") from None
     if data_start + data_end > size:
         raise ValueError(
             f"{path}: truncated at byte {size} (its tensors end at byte {data_start + data_end})"

