@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer
 
 from .models import family_spec
-from .readers import check_model_folder_json
+from .readers import MODEL_JSON, TOKENIZER_JSON, check_folder_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Files any HF tokenizer is saved as (fast, sentencepiece, BPE/WordPiece vocabularies).
@@ -270,7 +270,7 @@ def model_config(name: str, gguf_file: str | None = None):
         _check_gguf_family(path)  # before transformers parses the whole metadata
         config = copy.deepcopy(_gguf_config(_file_stamp(path)))
     else:
-        check_model_folder_json(path)
+        check_folder_json(path, MODEL_JSON)
         try:
             config = AutoConfig.from_pretrained(path)
         except (ValueError, json.JSONDecodeError) as exc:  # unknown model_type, broken JSON
@@ -292,7 +292,7 @@ def load_tokenizer(name: str, gguf_file: str | None = None):
             f"{', '.join(TOKENIZER_FILES)}): save the tokenizer beside the "
             "model (tokenizer.save_pretrained(folder))"
         )
-    check_model_folder_json(folder)
+    check_folder_json(folder, TOKENIZER_JSON)
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 (the Rust tokenizers library raises bare Exception)

@@ -14,14 +14,8 @@ import torch
 
 # The JSON files of a HF model folder that transformers reads; a broken one otherwise fails
 # deep inside transformers with a message that does not name the file.
-MODEL_FOLDER_JSON = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "model.safetensors.index.json",
-)
+MODEL_JSON = ("config.json", "generation_config.json", "model.safetensors.index.json")
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def read_json(path) -> Any:
@@ -38,13 +32,11 @@ def read_json(path) -> Any:
         raise ValueError(f"{path}: not UTF-8 text, so not JSON") from None
 
 
-def check_model_folder_json(folder) -> None:
-    """Parse every JSON file transformers will read from a model folder (a corrupt one is
-    named here, before transformers reports it without the file name)."""
+def check_folder_json(folder, names: tuple[str, ...]) -> None:
+    """Parse the JSON files `names` of a model folder that exist (a corrupt one is named
+    here, before transformers reports it without the file name)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        return
-    for name in MODEL_FOLDER_JSON:
+    for name in names:
         if (folder / name).is_file():
             read_json(folder / name)
 
