@@ -25,6 +25,7 @@ from transformers import AutoTokenizer
 
 from .models import get_adapter, stock_class
 from .models import remote_modeling as remote
+from .readers import read_json
 
 REMOTE_FILE = "modeling_slimops.py"
 REMOTE_MODULE = REMOTE_FILE.removesuffix(".py")
@@ -316,7 +317,7 @@ def load(path, device="cpu", dtype=None):
     config_path = path / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a HF model folder")
-    raw = json.loads(config_path.read_text())
+    raw = read_json(config_path)  # a corrupt one: one line naming it
     kwargs = {"dtype": dtype if dtype is not None else "auto"}
     if "slimops_layers" in raw:
         family = raw.get("slimops_base_model_type") or raw["model_type"]

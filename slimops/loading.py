@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
-import json
 import math
 import os
 import struct
@@ -273,7 +272,7 @@ def model_config(name: str, gguf_file: str | None = None):
         check_folder_json(path, MODEL_JSON)
         try:
             config = AutoConfig.from_pretrained(path)
-        except (ValueError, json.JSONDecodeError) as exc:  # unknown model_type, broken JSON
+        except ValueError as exc:  # an unknown model_type (broken JSON was named above)
             raise ValueError(f"cannot read the config of {path}: {exc}") from None
     family_spec(getattr(config, "slimops_base_model_type", None) or config.model_type)
     return config

@@ -27,6 +27,7 @@ from . import distributed
 from .domains import Domain, Mixture
 from .methods.sheared.method import ShearedConfig, shear
 from .models import get_adapter
+from .readers import read_json
 from .slicing import apply_plan
 from .trainer import LMObjective, TrainConfig, domain_losses, train
 
@@ -138,7 +139,7 @@ def load_stage(folder: Path):
 
     model, _ = load_checkpoint(folder)
     plan = PruningPlan.from_json((folder / PLAN_FILE).read_text())
-    return model, plan, json.loads((folder / MIXTURE_STATE).read_text())
+    return model, plan, read_json(folder / MIXTURE_STATE)
 
 
 def _list(t):

@@ -317,3 +317,11 @@ def test_failed_rename_restores_old_folder(small, tmp_path, monkeypatch):
         checkpoint.save_pruned(small, out, overwrite=True)
     assert (out / "marker").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_load_names_a_corrupt_config(tmp_path):
+    import slimops
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')  # cut short
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: not valid JSON"):
+        slimops.load(tmp_path)
