@@ -1,4 +1,4 @@
-"""`slimops prune | eval | bench | demo` (examples: docs/cli.md)."""
+"""`slimops prune | eval | bench | export | demo | train` (examples: docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from .cli_export import add_export_parser, cmd_export
 from .cli_train import add_train_parser, cmd_train
 from .methods import METHODS
 
@@ -171,7 +172,18 @@ def _add_bench(sub) -> None:
         "models",
         nargs="+",
         metavar="MODEL",
-        help="HF causal-LM folders or slimops checkpoints (dense first, pruned last)",
+        help="HF causal-LM folders or slimops checkpoints (--engine llama.cpp: .gguf files); "
+        "dense first, pruned last",
+    )
+    p.add_argument(
+        "--engine",
+        default="torch",
+        choices=["torch", "llama.cpp"],
+        help="torch: HF generate on MODEL folders; llama.cpp: .gguf files through "
+        "llama-cpp-python (batch 1, the first --prompt, --gen, --threads)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="llama.cpp threads (default: all cores)"
     )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -440,7 +452,33 @@ def _eval_zeroshot(args) -> None:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
 
 
+def cmd_bench_llamacpp(args) -> None:
+    import os
+
+    from .evaluation.llamacpp import EngineBench, engine_table, run_engine_bench
+
+    for path in args.models:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--engine llama.cpp takes .gguf files; {path} is not a file")
+    settings = EngineBench(
+        threads=args.threads or os.cpu_count(),
+        prompt=args.prompt[0],
+        gen=args.gen,
+        repeats=args.repeats,
+        seed=args.seed,
+    )
+    result = run_engine_bench(args.models, settings)
+    print(engine_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    last = result["rows"][-1]
+    print(f"speedup decode {last['decode_x']:.2f}x prefill {last['prefill_x']:.2f}x")
+
+
 def cmd_bench(args) -> None:
+    if args.engine == "llama.cpp":
+        return cmd_bench_llamacpp(args)
     from .evaluation import report as bench_report
     from .evaluation.throughput import BenchSettings, run_bench
 
@@ -483,12 +521,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_prune(sub)
     _add_eval(sub)
     _add_bench(sub)
+    add_export_parser(sub)
     _add_demo(sub)
     add_train_parser(sub)
     args = parser.parse_args(argv)
     commands = {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo}
     try:
-        {**commands, "train": cmd_train}[args.command](args)
+        {**commands, "train": cmd_train, "export": cmd_export}[args.command](args)
     except USER_ERRORS as err:
         print(f"slimops {args.command}: error: {err}", file=sys.stderr)
         return 2
