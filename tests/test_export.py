@@ -173,8 +173,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tokenizer, capsys):
     empty.mkdir()
     assert cli.main(["export", str(empty), "--out", str(tmp_path / "d.gguf")]) == 2
     assert "no config.json" in capsys.readouterr().err
+    no_weights = tmp_path / "no-weights"  # a config and a tokenizer, no weights
+    make_tiny_model("llama").config.save_pretrained(no_weights)
+    tokenizer.save_pretrained(no_weights)
+    assert cli.main(["export", str(no_weights), "--out", str(tmp_path / "d.gguf")]) == 2
+    assert "no file named model.safetensors" in capsys.readouterr().err
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["b.gguf", "empty", "small.gguf"]  # no c/d, no temp file
+    assert names == ["b.gguf", "empty", "no-weights", "small.gguf"]  # no c/d, no temp file
 
 
 def _tiny_gguf(tmp_path, tokenizer):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -131,27 +132,32 @@ def _time_once(llm, prompt: list[int], gen: int) -> tuple[float, float]:
     return prefill, time.perf_counter() - start
 
 
-def bench_gguf(path, s: EngineBench) -> dict:
-    """Median prefill and decode tokens/s of one GGUF file in llama.cpp."""
-    llm = open_gguf(path, n_ctx=s.prompt + s.gen + 8, threads=s.threads, logits_all=False)
-    rng = np.random.default_rng(s.seed)
-    prompt = rng.integers(0, llm.n_vocab(), s.prompt).tolist()
-    _time_once(llm, prompt, min(s.gen, 4))  # warm-up: page in the weights
-    times = [_time_once(llm, prompt, s.gen) for _ in range(s.repeats)]
-    prefill = statistics.median(t[0] for t in times)
-    decode = statistics.median(t[1] for t in times)
-    return {
-        "model": str(path),
-        "bytes": __import__("os").path.getsize(path),
-        "prefill_tok_s": s.prompt / prefill,
-        "decode_tok_s": s.gen / decode,
-        "raw_seconds": times,
-    }
-
-
 def run_engine_bench(paths: list, s: EngineBench) -> dict:
-    """Every file in the same run and settings; ratios against the FIRST (the dense one)."""
-    rows = [bench_gguf(p, s) for p in tqdm(paths, desc="llama.cpp bench", unit="model")]
+    """Every file in the same run and settings, ratios against the FIRST (the dense one).
+
+    The files take turns, one timed round each per repeat (round-robin), so a slow spell of a
+    shared machine hits every file alike instead of whichever was being measured then.
+    """
+    models = [open_gguf(p, n_ctx=s.prompt + s.gen + 8, threads=s.threads) for p in paths]
+    rng = np.random.default_rng(s.seed)
+    prompt = rng.integers(0, min(m.n_vocab() for m in models), s.prompt).tolist()
+    for llm in models:  # warm-up: page the weights in, size the buffers
+        _time_once(llm, prompt, min(s.gen, 4))
+    times = [[] for _ in models]
+    for _ in tqdm(range(s.repeats), desc="llama.cpp bench", unit="round"):
+        for llm, mine in zip(models, times):
+            mine.append(_time_once(llm, prompt, s.gen))
+    rows = []
+    for path, mine in zip(paths, times):
+        prefill = statistics.median(t[0] for t in mine)
+        decode = statistics.median(t[1] for t in mine)
+        rows.append({
+            "model": str(path),
+            "bytes": os.path.getsize(path),
+            "prefill_tok_s": s.prompt / prefill,
+            "decode_tok_s": s.gen / decode,
+            "raw_seconds": mine,
+        })  # fmt: skip
     for row in rows:
         row["prefill_x"] = row["prefill_tok_s"] / rows[0]["prefill_tok_s"]
         row["decode_x"] = row["decode_tok_s"] / rows[0]["decode_tok_s"]
