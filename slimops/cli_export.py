@@ -24,7 +24,8 @@ def add_export_parser(sub) -> None:
         default="f16",
         choices=DTYPE_NAMES,
         help="matrix type; norms and biases stay f32; q8_0 keeps matrices whose row length is "
-        "not a multiple of 32 in f16 and lists them (prune with --align 32 to avoid that)",
+        "not a multiple of 32 in f16 and lists them (prune with --align 32 --no-whole-kv-groups "
+        "to avoid that)",
     )
     p.add_argument(
         "--tokenizer-from",
