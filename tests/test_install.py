@@ -83,3 +83,16 @@ def test_repository_root_on_sys_path_never_shadows_pypi_kernels():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.split()[0] == "ok"
+
+
+def test_readme_shows_every_command_ci_runs():
+    """.ci/run installs and tests with the README's commands: each of its *_CMD lines must
+    appear verbatim in README.md (a drift here means users install something CI never did)."""
+    import re
+
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = re.findall(r"^[A-Z]+_CMD='(.+)'$", ci, flags=re.M)
+    assert len(commands) == 3, commands  # llama.cpp, install, test
+    readme = (ROOT / "README.md").read_text()
+    for command in commands:
+        assert command in readme, command
