@@ -312,3 +312,28 @@ def test_cli_export_and_llama_cpp_bench(tmp_path, tokenizer, capsys):
     assert [r["model"] for r in result["rows"]] == files
     assert result["rows"][0]["decode_x"] == 1.0 and result["rows"][1]["decode_tok_s"] > 0
     assert "speedup decode" in capsys.readouterr().out
+
+
+@needs_llama_cpp
+def test_llama_cpp_flap_biases(tmp_path, tokenizer):
+    """FLAP folds removed channels into o_proj / down_proj biases LLaMA lacks: written as
+    llama.cpp's optional attn_output.bias / ffn_down.bias (deci graph), same logits."""
+    from slimops.pipeline import prune_model
+
+    model = tiny("llama")
+    calib = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(0))
+    prune_model(model, calib, "flap", 0.5)
+    adapter = get_adapter(model)
+    biased = set()
+    for i, layer in enumerate(adapter.layers()):
+        for name, linear in (
+            ("attn_output", adapter.o_proj(layer)),
+            ("ffn_down", adapter.down_proj(layer)),
+        ):
+            if linear.bias is not None:
+                biased.add(f"blk.{i}.{name}.bias")
+    assert any("attn_output" in n for n in biased) and any("ffn_down" in n for n in biased)
+    report = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer=tokenizer)
+    names = {t.name for t in gguf.GGUFReader(report["file"]).tensors}
+    assert biased <= names
+    assert_same_logits(report["file"], model, "f32")
