@@ -165,6 +165,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tokenizer, capsys):
     (tmp_path / "b.gguf").write_bytes(b"x")
     with pytest.raises(FileExistsError, match="--overwrite"):
         export_gguf(model, tmp_path / "b.gguf", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        export_gguf(tiny("llama", hidden_act="gelu"), tmp_path / "c.gguf", tokenizer=tokenizer)
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         export_gguf(model, tmp_path / "c.gguf")
     with pytest.raises(ValueError, match="embedding has 320 rows"):  # another model's vocab

@@ -198,6 +198,9 @@ def plan_layout(model):
     adapter = get_adapter(model)
     if not adapter.causal_lm:
         raise ValueError(f"cannot export {adapter.family} to GGUF: not a causal LM")
+    act = getattr(model.config, "hidden_act", "silu")
+    if act != "silu":  # every llama.cpp graph used here gates the FFN with SiLU
+        raise ValueError(f"cannot export hidden_act={act!r} to GGUF: llama.cpp's graph uses silu")
     widths = [adapter.layer_shape(layer) for layer in adapter.layers()]
     hidden = model.get_input_embeddings().weight.shape[1]
     layout = choose_layout(
