@@ -473,7 +473,8 @@ def cmd_bench_llamacpp(args) -> None:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     last = result["rows"][-1]
-    print(f"speedup decode {last['decode_x']:.2f}x prefill {last['prefill_x']:.2f}x")
+    # the same last line as the torch engine's (evaluation.report.speedup_line)
+    print(f"speedup decode {last['decode_x']:.2f} prefill {last['prefill_x']:.2f}")
 
 
 def cmd_bench(args) -> None:

@@ -83,26 +83,32 @@ def _second_half_nll(chunk_logits: torch.Tensor, chunk: torch.Tensor) -> tuple[f
     return -logp.gather(1, chunk[first + 1 :, None]).sum().item(), chunk.numel() - first - 1
 
 
-def gguf_perplexity(path, token_chunks: torch.Tensor, threads: int | None = None) -> float:
-    llm = open_gguf(path, n_ctx=token_chunks.shape[1], threads=threads, logits_all=True)
+def _perplexity(token_chunks: torch.Tensor, chunk_logits, desc: str) -> float:
+    """exp(mean NLL) of the second halves; chunk_logits(chunk) -> (n_ctx, vocab) logits."""
     nll = count = 0
-    for chunk in tqdm(token_chunks, desc="llama.cpp ppl", unit="chunk"):
-        llm.reset()
-        llm.eval(chunk.tolist())
-        scores = torch.from_numpy(np.array(llm.scores[: chunk.numel()]))
-        a, b = _second_half_nll(scores, chunk)
+    for chunk in tqdm(token_chunks, desc=desc, unit="chunk"):
+        a, b = _second_half_nll(chunk_logits(chunk), chunk)
         nll, count = nll + a, count + b
     return math.exp(nll / count)
+
+
+def gguf_perplexity(path, token_chunks: torch.Tensor, threads: int | None = None) -> float:
+    llm = open_gguf(path, n_ctx=token_chunks.shape[1], threads=threads, logits_all=True)
+
+    def chunk_logits(chunk):
+        llm.reset()
+        llm.eval(chunk.tolist())
+        return torch.from_numpy(np.array(llm.scores[: chunk.numel()]))
+
+    return _perplexity(token_chunks, chunk_logits, "llama.cpp ppl")
 
 
 @torch.no_grad()
 def hf_perplexity(model, token_chunks: torch.Tensor) -> float:
-    nll = count = 0
-    for chunk in tqdm(token_chunks, desc="transformers ppl", unit="chunk"):
-        out = model(chunk[None].to(model.device)).logits[0].float().cpu()
-        a, b = _second_half_nll(out, chunk)
-        nll, count = nll + a, count + b
-    return math.exp(nll / count)
+    def chunk_logits(chunk):
+        return model(chunk[None].to(model.device)).logits[0].float().cpu()
+
+    return _perplexity(token_chunks, chunk_logits, "transformers ppl")
 
 
 # --- throughput ----------------------------------------------------------------------------

@@ -46,6 +46,10 @@ GGUF_ROLE = {  # slimops projection role -> GGUF tensor name inside blk.N
 }  # fmt: skip
 
 
+def is_uniform(widths: list[Widths]) -> bool:
+    return all(w == widths[0] for w in widths)
+
+
 @dataclass
 class Layout:
     """What the writer needs to know about the target graph."""
@@ -57,7 +61,7 @@ class Layout:
 
     @property
     def uniform(self) -> bool:
-        return all(w == self.widths[0] for w in self.widths)
+        return is_uniform(self.widths)
 
     @property
     def permute_qk(self) -> bool:
@@ -65,7 +69,7 @@ class Layout:
 
 
 def _fits_own(arch: str, widths: list[Widths], biases: set[str], hidden: int, head_dim: int):
-    if any(w != widths[0] for w in widths) or not biases <= ARCH_BIASES[arch]:
+    if not is_uniform(widths) or not biases <= ARCH_BIASES[arch]:
         return False
     return arch != "qwen2" or widths[0].heads * head_dim == hidden
 
@@ -95,9 +99,9 @@ def choose_layout(
         return Layout(own, list(widths))
     if not has_qk_norm and biases <= ARCH_BIASES["deci"]:
         why = (
-            "per-layer shapes"
-            if any(w != widths[0] for w in widths)
-            else f"{own}'s graph cannot take heads x head_dim != hidden or these biases"
+            f"{own}'s graph cannot take heads x head_dim != hidden or these biases"
+            if is_uniform(widths)
+            else "per-layer shapes"
         )
         return Layout("deci", list(widths), notes=[f"written as deci ({why})"])
     pad = padded_widths(widths)
@@ -154,11 +158,11 @@ def pad_layer(tensors: dict, have: Widths, want: Widths, head_dim: int) -> dict:
             t = _pad_head_rows(t, q_slots, want.heads, head_dim)
         elif role in ("k", "v"):
             t = _pad_head_rows(t, kv_slots, want.kv_heads, head_dim)
-        elif role == "o" and key == "o":
+        elif key == "o":  # (o's bias is hidden-wide: unchanged)
             t = _pad_head_rows(t.T, q_slots, want.heads, head_dim).T
         elif role in ("gate", "up"):
             t = torch.cat([t, t.new_zeros(want.ffn - have.ffn, *t.shape[1:])])
-        elif role == "down" and key == "down":
+        elif key == "down":  # (down's bias too)
             t = torch.cat([t, t.new_zeros(t.shape[0], want.ffn - have.ffn)], dim=1)
         out[key] = t
     return out

@@ -64,7 +64,7 @@ def _pre_name(pre: dict | None) -> str | None:
 def _token_table(tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
     """Tokens by id (padded to the embedding's rows) and their llama.cpp token types."""
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = {i: tok for i, tok in tokenizer.added_tokens_decoder.items()}
+    added = tokenizer.added_tokens_decoder
     tokens, types = [], []
     for i in range(n_vocab):
         if i not in by_id:

@@ -212,8 +212,8 @@ def plan_layout(model):
 
 @torch.no_grad()
 def write_gguf(model, out: Path, dtype: str, tokenizer=None, tokenizer_gguf=None, name=None):
-    """Write `model` to `out` (already checked); returns the report dict."""
-    check_dtype(dtype)
+    """Write `model` to `out` (dtype and out already checked by export_gguf); returns the
+    report dict."""
     adapter, widths, layout = plan_layout(model)
     notes = list(layout.notes)
     n_vocab = model.get_input_embeddings().weight.shape[0]
@@ -245,10 +245,11 @@ def write_gguf(model, out: Path, dtype: str, tokenizer=None, tokenizer_gguf=None
 
 def _write_tensors(w, adapter, model, layout, want, extra) -> dict[str, str]:
     pairs = global_tensors(model) + extra
-    for il, layer in enumerate(tqdm(adapter.layers(), desc="export gguf", unit="layer")):
+    for il, layer in enumerate(adapter.layers()):
         pairs += layer_tensors(adapter, il, layer, layout)
     written = {}
-    for name, t in pairs:
+    # the bar over the encoding: converting and quantising is where the time goes
+    for name, t in tqdm(pairs, desc="export gguf", unit="tensor"):
         data, kind = encode(t, want)
         w.add_tensor(name, data, raw_dtype=None if kind in (F32, F16) else kind)
         written[name] = kind.name
